@@ -1,0 +1,1 @@
+"""fairseq_kd: knowledge distillation of self-supervised speech models as a fairseq plugin."""

@@ -1,0 +1,58 @@
+"""``fairseq-kd-infer``: fairseq's own ``examples/speech_recognition/new/infer.py``, runnable.
+
+The pip package ships fairseq's examples as ``fairseq/examples`` but infer.py imports them as a
+top-level ``examples`` package. We alias that package (never putting ``site-packages/fairseq`` on
+``sys.path``: ``fairseq/logging`` would shadow the standard library) and call infer.py's
+``cli_main`` with the same command line, e.g.::
+
+    fairseq-kd-infer --config-dir $(fairseq-kd-infer --conf-dir) --config-name infer \\
+        task=audio_finetuning task.data=manifests common_eval.path=checkpoint_best.pt \\
+        dataset.gen_subset=valid decoding.type=viterbi
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from types import ModuleType
+
+
+def alias_fairseq_examples() -> ModuleType:
+    """Make ``import examples...`` resolve to fairseq's bundled examples tree."""
+    if "examples" in sys.modules:
+        return sys.modules["examples"]
+    spec = importlib.util.find_spec("fairseq")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("fairseq is not installed; see the README's install step")
+    examples_dir = os.path.join(list(spec.submodule_search_locations)[0], "examples")
+    init = os.path.join(examples_dir, "__init__.py")
+    if not os.path.isfile(init):
+        raise ImportError(f"fairseq's examples tree is missing ({init}); reinstall fairseq==0.12.2")
+    examples_spec = importlib.util.spec_from_file_location(
+        "examples", init, submodule_search_locations=[examples_dir]
+    )
+    module = importlib.util.module_from_spec(examples_spec)
+    sys.modules["examples"] = module
+    examples_spec.loader.exec_module(module)
+    return module
+
+
+def infer_conf_dir() -> str:
+    """Folder of infer.py's own yaml configs (``infer.yaml``)."""
+    examples = alias_fairseq_examples()
+    return os.path.join(list(examples.__path__)[0], "speech_recognition", "new", "conf")
+
+
+def main() -> None:
+    if sys.argv[1:] == ["--conf-dir"]:
+        print(infer_conf_dir())
+        return
+    alias_fairseq_examples()
+    from examples.speech_recognition.new import infer
+
+    infer.cli_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The individual fixes. Each one changes a single module, and only the names it must."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import os
+import types
+from typing import Any, Callable, Dict
+
+
+class ModuleProxy(types.ModuleType):
+    """Stands in for a module inside ONE other module's namespace, overriding a few attributes.
+
+    ``fairseq.checkpoint_utils.torch.load`` can then be mended without changing ``torch.load``
+    for anybody else.
+    """
+
+    def __init__(self, wrapped: types.ModuleType, **overrides: Any):
+        super().__init__(wrapped.__name__, wrapped.__doc__)
+        self.__dict__.update(overrides)
+        self.__dict__["_wrapped"] = wrapped
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.__dict__["_wrapped"], name)
+
+
+# 1. dataclasses ----------------------------------------------------------------------------------
+def allow_dataclass_instance_defaults() -> None:
+    """Python 3.11 rejects any unhashable default; 3.10 rejected only list/dict/set.
+
+    fairseq's configs (and hydra 1.0's) use dataclass instances as defaults. For those alone we
+    restore the old rule; ``Field.default`` stays what it was, because fairseq's ``hydra_init``
+    reads it.
+    """
+    original = dataclasses._get_field  # type: ignore[attr-defined]
+    if getattr(original, "_fairseq_kd_compat", False):
+        return
+
+    def _get_field(cls, a_name, a_type, *args, **kwargs):
+        default = getattr(cls, a_name, dataclasses.MISSING)
+        if isinstance(default, dataclasses.Field):
+            default = default.default
+        default_cls = type(default)
+        if (
+            not dataclasses.is_dataclass(default_cls)
+            or default_cls.__hash__ is not None
+            or isinstance(default, type)
+        ):
+            return original(cls, a_name, a_type, *args, **kwargs)
+        # Make the instance's class look hashable for the duration of the check only.
+        own_hash = default_cls.__dict__.get("__hash__", dataclasses.MISSING)
+        default_cls.__hash__ = object.__hash__
+        try:
+            return original(cls, a_name, a_type, *args, **kwargs)
+        finally:
+            if own_hash is dataclasses.MISSING:
+                del default_cls.__hash__
+            else:
+                default_cls.__hash__ = own_hash
+
+    _get_field._fairseq_kd_compat = True  # type: ignore[attr-defined]
+    dataclasses._get_field = _get_field  # type: ignore[attr-defined]
+
+
+# 2. hydra 1.0 error printing ---------------------------------------------------------------------
+def _print_exception(*args: Any, etype: Any = None, **kwargs: Any) -> None:
+    import traceback
+
+    if etype is not None or (not args and "value" in kwargs):
+        # hydra 1.0.7 calls print_exception(etype=None, value=ex, tb=tb)
+        value = kwargs.pop("value")
+        tb = kwargs.pop("tb", None)
+        return traceback.print_exception(type(value), value, tb, **kwargs)
+    return traceback.print_exception(*args, **kwargs)
+
+
+def patch_hydra_traceback(module: types.ModuleType) -> None:
+    import traceback
+
+    module.traceback = ModuleProxy(traceback, print_exception=_print_exception)
+
+
+# 3. torch >= 2.6 weights_only loading ------------------------------------------------------------
+def patch_torch_load(module: types.ModuleType) -> None:
+    import torch
+
+    from fairseq_kd_compat.safe_load import safe_load
+
+    module.torch = ModuleProxy(torch, load=safe_load)
+
+
+# 4. numpy >= 1.24 aliases ------------------------------------------------------------------------
+def patch_numpy_aliases(module: types.ModuleType) -> None:
+    import numpy
+
+    module.np = ModuleProxy(numpy, int=int, float=float)
+
+
+# 5. manifest roots relative to the manifest -------------------------------------------------------
+def _resolve_root(root: str, manifest_path: str) -> str:
+    if not root or os.path.isabs(root) or os.path.isdir(root):
+        return root
+    beside = os.path.join(os.path.dirname(os.path.abspath(manifest_path)), root)
+    return beside if os.path.isdir(beside) else root
+
+
+def patch_file_audio_dataset(module: types.ModuleType) -> None:
+    cls = module.FileAudioDataset
+    original_init = cls.__init__
+
+    def __init__(self, manifest_path, *args, **kwargs):
+        original_init(self, manifest_path, *args, **kwargs)
+        self.root_dir = _resolve_root(self.root_dir, manifest_path)
+
+    cls.__init__ = __init__
+
+
+def patch_hubert_load_audio(module: types.ModuleType) -> None:
+    original = module.load_audio
+
+    def load_audio(manifest_path, *args, **kwargs):
+        root, *rest = original(manifest_path, *args, **kwargs)
+        return (_resolve_root(root, manifest_path), *rest)
+
+    module.load_audio = load_audio
+
+
+# 6. common.user_dir naming an installed package ---------------------------------------------------
+def resolve_user_dir(user_dir: str, fairseq_dir: str) -> str:
+    """fairseq's own lookup first; then an importable package of that name (editable installs)."""
+    candidates = [
+        os.path.abspath(user_dir),
+        os.path.join(fairseq_dir, user_dir),
+        os.path.join(fairseq_dir, "..", user_dir),
+    ]
+    if any(os.path.exists(c) for c in candidates) or os.sep in user_dir:
+        return user_dir
+    try:
+        spec = importlib.util.find_spec(user_dir)
+    except (ImportError, ValueError):
+        return user_dir
+    if spec is not None and spec.submodule_search_locations:
+        return list(spec.submodule_search_locations)[0]
+    return user_dir
+
+
+def patch_import_user_module(module: types.ModuleType) -> None:
+    original = module.import_user_module
+    fairseq_dir = os.path.dirname(module.__file__)
+
+    def import_user_module(args):
+        user_dir = getattr(args, "user_dir", None)
+        if user_dir:
+            resolved = resolve_user_dir(str(user_dir), fairseq_dir)
+            if resolved != user_dir:
+                args = argparse.Namespace(user_dir=resolved)
+        return original(args)
+
+    module.import_user_module = import_user_module
+
+
+# fix name -> {module name: patch applied right after that module executes}
+MODULE_PATCHES: Dict[str, Dict[str, Callable[[types.ModuleType], None]]] = {
+    "hydra_traceback": {"hydra._internal.utils": patch_hydra_traceback},
+    "safe_checkpoint_load": {
+        "fairseq.checkpoint_utils": patch_torch_load,
+        "fairseq.distributed.utils": patch_torch_load,
+    },
+    "numpy_aliases": {
+        "fairseq.data.data_utils": patch_numpy_aliases,
+        "fairseq.modules.dynamic_crf_layer": patch_numpy_aliases,
+    },
+    "manifest_root": {
+        "fairseq.data.audio.raw_audio_dataset": patch_file_audio_dataset,
+        "fairseq.data.audio.hubert_dataset": patch_hubert_load_audio,
+    },
+    "user_dir_module": {"fairseq.utils": patch_import_user_module},
+}

@@ -1,0 +1,161 @@
+"""fairseq_kd: knowledge distillation of self-supervised speech models, as a fairseq plugin.
+
+Install (see README): ``pip install torch==2.13.0`` first, then ``pip install .`` or ``-e .``.
+Besides the packages, this installs ``fairseq_kd_compat.pth`` at the top of site-packages so that
+fairseq 0.12.2 works on Python 3.11 / torch >= 2.6 from interpreter start-up (fairseq is imported
+by its console scripts before any plugin could fix it).
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+try:
+    from setuptools.command.editable_wheel import editable_wheel
+except ImportError:  # setuptools < 64: editable installs go through ``develop``
+    editable_wheel = None
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PTH = "fairseq_kd_compat.pth"
+SUPPORTED_TORCH = ">=2.6,<2.14"  # what the compatibility layer is tested against; 2.13.0 here
+MAX_PIP = (24, 1)  # pip >= 24.1 rejects omegaconf 2.0.6's metadata (fairseq#5511)
+
+
+# -- pre-flight checks: fail before any resolver or build work -----------------------------------
+def _target_environment():
+    """pip and torch versions of the environment being installed into.
+
+    setup.py runs inside pip's isolated build environment, which hides the target's
+    site-packages; a child interpreter without pip's PYTHONPATH overlay sees them again.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE")}
+    env["FAIRSEQ_KD_COMPAT"] = "0"  # never import our own start-up hook while probing
+    probe = (
+        "import json, importlib.metadata as m\n"
+        "def v(n):\n"
+        "    try: return m.version(n)\n"
+        "    except m.PackageNotFoundError: return None\n"
+        "print(json.dumps({'pip': v('pip'), 'torch': v('torch')}))\n"
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-I", "-c", probe], env=env, capture_output=True, text=True, timeout=60
+        ).stdout
+        return json.loads(out.strip().splitlines()[-1])
+    except Exception:
+        return {}
+
+
+def _version_tuple(version):
+    parts = []
+    for piece in version.split("+")[0].split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _preflight():
+    if os.environ.get("FAIRSEQ_KD_SKIP_INSTALL_CHECKS") == "1":
+        return
+    found = _target_environment()
+    pip_version = found.get("pip")
+    if pip_version and _version_tuple(pip_version) >= MAX_PIP:
+        sys.exit(
+            f"fairseq_kd: pip {pip_version} cannot install fairseq 0.12.2 (pip >= 24.1 rejects the "
+            "metadata of its omegaconf<2.1 dependency, fairseq#5511). Run\n"
+            "    python -m pip install 'pip<24.1'\n"
+            "then install again. (Set FAIRSEQ_KD_SKIP_INSTALL_CHECKS=1 to bypass this check.)"
+        )
+    torch_version = found.get("torch")
+    if "torch" in found and torch_version is None:
+        sys.exit(
+            "fairseq_kd: torch is not installed in this environment. Install a pinned torch first, "
+            "otherwise pip resolves the newest torch with several GB of CUDA packages:\n"
+            "    python -m pip install torch==2.13.0     # CPU build here; or the CUDA build for your GPU\n"
+            "then install fairseq_kd again. (FAIRSEQ_KD_SKIP_INSTALL_CHECKS=1 bypasses this check.)"
+        )
+    if torch_version and not ((2, 6) <= _version_tuple(torch_version) < (2, 14)):
+        sys.exit(
+            f"fairseq_kd: torch {torch_version} is installed, but fairseq_kd supports torch "
+            f"{SUPPORTED_TORCH} (tested with 2.13.0). Run\n"
+            "    python -m pip install torch==2.13.0\n"
+            "then install again. (FAIRSEQ_KD_SKIP_INSTALL_CHECKS=1 bypasses this check.)"
+        )
+
+
+# -- ship the start-up .pth at the top of site-packages -------------------------------------------
+class BuildPyWithPth(build_py):
+    """Regular installs: put the .pth at the root of build_lib, which becomes site-packages."""
+
+    def run(self):
+        super().run()
+        if not getattr(self, "editable_mode", False):
+            self.copy_file(os.path.join(HERE, PTH), os.path.join(self.build_lib, PTH))
+
+    def get_outputs(self, include_bytecode=1):
+        return list(super().get_outputs(include_bytecode)) + [os.path.join(self.build_lib, PTH)]
+
+
+cmdclass = {"build_py": BuildPyWithPth}
+
+if editable_wheel is not None:
+
+    class EditableWheelWithPth(editable_wheel):
+        """Editable installs (PEP 660): the unpacked wheel's root becomes site-packages."""
+
+        def _run_build_commands(self, dist_name, unpacked_wheel, *args, **kwargs):
+            result = super()._run_build_commands(dist_name, unpacked_wheel, *args, **kwargs)
+            shutil.copy(os.path.join(HERE, PTH), os.path.join(unpacked_wheel, PTH))
+            return result
+
+    cmdclass["editable_wheel"] = EditableWheelWithPth
+
+
+if not {"sdist", "clean", "--help", "--version"} & set(sys.argv):
+    _preflight()
+
+with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+    long_description = f.read()
+
+setup(
+    name="fairseq_kd",
+    version="0.1.0",
+    description="Knowledge distillation of HuBERT / wav2vec 2.0 into small students, as a fairseq plugin",
+    long_description=long_description,
+    long_description_content_type="text/markdown",
+    python_requires=">=3.9",
+    packages=find_packages(include=["fairseq_kd", "fairseq_kd.*", "fairseq_kd_compat", "hydra_plugins", "hydra_plugins.*"]),
+    include_package_data=True,
+    package_data={"fairseq_kd": ["config/**/*.yaml", "config/*.yaml"]},
+    install_requires=[
+        f"torch{SUPPORTED_TORCH}",
+        "fairseq==0.12.2",
+        "numpy",
+        "soundfile",  # fairseq's audio datasets read with it but do not declare it
+        "editdistance",  # fairseq's CTC criterion and infer.py score with it, undeclared
+        "sentencepiece",
+        "omegaconf<2.1",  # fairseq 0.12.2's hydra-core 1.0.7 needs omegaconf 2.0.x
+        "hydra-core<1.1",
+        # Audio front-ends without torchaudio (its CPU wheel cannot load here, maintenance mode):
+        # librosa for MFCCs (the field's standard), soxr for resampling (libsoxr, librosa's own).
+        "librosa>=0.10",
+        "soxr",
+        "scikit-learn",  # k-means for HuBERT targets, as fairseq's simple_kmeans; EER via roc_curve
+        "tqdm",
+    ],
+    extras_require={"test": ["pytest"]},
+    entry_points={
+        "console_scripts": [
+            "fairseq-kd-infer = fairseq_kd.cli.infer:main",
+            "fairseq-kd-make-corpus = fairseq_kd.data.mini_corpus:main",
+            "fairseq-kd-mfcc-kmeans = fairseq_kd.data.mfcc_kmeans:main",
+        ],
+    },
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
