@@ -77,9 +77,8 @@ def _print_exception(*args: Any, etype: Any = None, **kwargs: Any) -> None:
 
 
 def patch_hydra_traceback(module: types.ModuleType) -> None:
-    import traceback
-
-    module.traceback = ModuleProxy(traceback, print_exception=_print_exception)
+    # hydra/_internal/utils.py does ``from traceback import print_exception``
+    module.print_exception = _print_exception
 
 
 # 3. torch >= 2.6 weights_only loading ------------------------------------------------------------

@@ -56,6 +56,15 @@ def fairseq_safe_globals() -> List[Any]:
         base.ContainerMetadata,
         base.Metadata,
         np.dtype,
+        # OmegaConf metadata refers to plain types (object_type=dict, element_type=int, ...)
+        dict,
+        list,
+        tuple,
+        set,
+        int,
+        float,
+        str,
+        bool,
     ]
     allowed += [
         getattr(nodes, name)

@@ -2,8 +2,8 @@
 
 The pip package ships fairseq's examples as ``fairseq/examples`` but infer.py imports them as a
 top-level ``examples`` package. We alias that package (never putting ``site-packages/fairseq`` on
-``sys.path``: ``fairseq/logging`` would shadow the standard library) and call infer.py's
-``cli_main`` with the same command line, e.g.::
+``sys.path``: ``fairseq/logging`` would shadow the standard library) and run infer.py as
+``__main__`` with the same command line, e.g.::
 
     fairseq-kd-infer --config-dir $(fairseq-kd-infer --conf-dir) --config-name infer \\
         task=audio_finetuning task.data=manifests common_eval.path=checkpoint_best.pt \\
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import runpy
 import sys
 from types import ModuleType
 
@@ -49,9 +50,9 @@ def main() -> None:
         print(infer_conf_dir())
         return
     alias_fairseq_examples()
-    from examples.speech_recognition.new import infer
-
-    infer.cli_main()
+    # As ``python infer.py``: hydra then resolves infer.py's own ``conf`` folder from its file.
+    sys.argv[0] = "infer.py"
+    runpy.run_module("examples.speech_recognition.new.infer", run_name="__main__", alter_sys=True)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,246 @@
+"""The start-up compatibility layer: each fix works, and each one's absence shows the upstream break."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from conftest import console_script, python_snippet, run
+
+OFF = {"FAIRSEQ_KD_COMPAT": "0"}
+
+
+def without(fix: str) -> dict:
+    return {"FAIRSEQ_KD_COMPAT_DISABLE": fix}
+
+
+# -- 1. dataclass-instance defaults (import fairseq) ----------------------------------------------
+def test_import_fairseq_works_and_breaks_without_layer(tmp_path):
+    python_snippet("import fairseq, fairseq_kd; import fairseq.models.hubert", cwd=tmp_path)
+    if sys.version_info >= (3, 11):
+        proc = python_snippet("import fairseq", cwd=tmp_path, env=OFF, check=False)
+        assert proc.returncode != 0
+        assert "mutable default" in proc.stderr and "CommonConfig" in proc.stderr
+
+
+def test_dataclass_rule_is_relaxed_only_for_dataclass_instances():
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Inner:
+        x: int = 1
+
+    @dataclass
+    class Outer:
+        inner: Inner = Inner()  # Python <= 3.10 rule: allowed
+
+    assert Outer().inner.x == 1
+    assert Inner.__hash__ is None  # the class is left as it was
+    with pytest.raises(ValueError, match="mutable default"):
+
+        @dataclass
+        class Bad:
+            items: list = field(default=[])  # still refused, as on every Python
+
+
+# -- 2. hydra 1.0.7 error printing ----------------------------------------------------------------
+HYDRA_APP = textwrap.dedent(
+    """
+    import hydra
+
+    @hydra.main(config_path=None)
+    def main(cfg):
+        raise RuntimeError("the real error: boom-4711")
+
+    main()
+    """
+)
+
+
+def test_hydra_shows_the_real_error(tmp_path):
+    script = tmp_path / "app.py"
+    script.write_text(HYDRA_APP)
+    cmd = [sys.executable, str(script), f"hydra.run.dir={tmp_path}/out"]
+    fixed = run(cmd, cwd=tmp_path, check=False)
+    assert fixed.returncode != 0
+    assert "etype" not in fixed.stderr
+    assert "RuntimeError: the real error: boom-4711" in fixed.stderr.splitlines()
+    broken = run(cmd, cwd=tmp_path, env=without("hydra_traceback"), check=False)
+    # upstream: the report itself crashes, so the user's error is buried under a TypeError
+    assert "unexpected keyword argument 'etype'" in broken.stderr.strip().splitlines()[-1]
+
+
+# -- 3. numpy aliases --------------------------------------------------------------------------------
+MASK_SNIPPET = (
+    "from fairseq.data.data_utils import compute_mask_indices\n"
+    "m = compute_mask_indices((2, 200), None, 0.5, 5, no_overlap=True)\n"
+    "assert m.shape == (2, 200) and m.any(), m\n"
+)
+
+
+def test_compute_mask_indices_no_overlap(tmp_path):
+    python_snippet(MASK_SNIPPET, cwd=tmp_path)
+    proc = python_snippet(MASK_SNIPPET, cwd=tmp_path, env=without("numpy_aliases"), check=False)
+    assert proc.returncode != 0 and "has no attribute 'int'" in proc.stderr
+
+
+def test_numpy_proxy_is_local_to_the_mended_module():
+    import fairseq.data.data_utils as data_utils
+
+    assert data_utils.np.int is int
+    assert not hasattr(np, "int")  # numpy itself is untouched
+
+
+# -- 4. safe checkpoint loading ------------------------------------------------------------------
+def _legacy_checkpoint(path: Path) -> None:
+    """A checkpoint in the pre-hydra and early-hydra layouts: Namespace args, DictConfig cfg,
+    a task_state holding a Dictionary, numpy scalars in the training state."""
+    from fairseq.data import Dictionary
+    from omegaconf import OmegaConf
+
+    dictionary = Dictionary()
+    dictionary.add_symbol("A")
+    state = {
+        "args": argparse.Namespace(arch="hubert", lr=[5e-4], normalize=False, max_tokens=1400000),
+        "cfg": OmegaConf.create({"model": {"_name": "hubert", "layers": [1, 2]}, "task": {"_name": "x"}}),
+        "model": {"w": torch.zeros(3)},
+        "task_state": {"dictionaries": [dictionary]},
+        "optimizer_history": [
+            {"criterion_name": "HubertCriterion", "optimizer_name": "Adam",
+             "lr_scheduler_state": {"best": np.float64(1.5)}, "num_updates": 7}
+        ],
+        "extra_state": {"val_loss": np.float32(2.0), "array": np.arange(3), "dtype": np.dtype("float32")},
+    }
+    with open(path, "wb") as f:
+        torch.save(state, f)
+
+
+def test_legacy_fairseq_checkpoint_loads_with_allow_list(tmp_path):
+    from fairseq import checkpoint_utils
+    from fairseq.data import Dictionary
+
+    path = tmp_path / "legacy.pt"
+    _legacy_checkpoint(path)
+    # the very torch.load that load_checkpoint_to_cpu / the trainer / hubert_ctc call
+    with open(path, "rb") as f:
+        state = checkpoint_utils.torch.load(f, map_location=torch.device("cpu"))
+    assert isinstance(state["args"], argparse.Namespace)
+    assert isinstance(state["task_state"]["dictionaries"][0], Dictionary)
+    assert state["cfg"]["model"]["layers"] == [1, 2]
+    assert state["optimizer_history"][-1]["num_updates"] == 7
+
+    load = f"from fairseq import checkpoint_utils; checkpoint_utils.load_checkpoint_to_cpu({str(path)!r})"
+    broken = python_snippet(load, cwd=tmp_path, env=without("safe_checkpoint_load"), check=False)
+    assert broken.returncode != 0 and "Unsupported global" in broken.stderr
+
+
+class _Exploit:
+    """Unpickling this would run code that creates a file."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (exec, (f"open({self.target!r}, 'w').close()",))
+
+
+def test_malicious_checkpoint_is_refused_and_nothing_runs(tmp_path, monkeypatch):
+    from fairseq import checkpoint_utils
+    from fairseq_kd_compat.safe_load import ENV_TRUSTED, UnsafeCheckpointError
+
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pt"
+    torch.save({"model": {}, "args": None, "payload": _Exploit(str(marker))}, path)
+    monkeypatch.delenv(ENV_TRUSTED, raising=False)
+    with pytest.raises(UnsafeCheckpointError) as err:
+        checkpoint_utils.load_checkpoint_to_cpu(str(path))
+    message = str(err.value)
+    assert "builtins.exec" in message and ENV_TRUSTED in message and str(path) in message
+    assert not marker.exists()
+
+    # the documented opt-in for trusted files really is the full unpickler
+    monkeypatch.setenv(ENV_TRUSTED, str(tmp_path))
+    with open(path, "rb") as f:
+        checkpoint_utils.torch.load(f, map_location="cpu")
+    assert marker.exists()
+
+
+def test_trusted_paths():
+    from fairseq_kd_compat.safe_load import is_trusted
+
+    env = {"FAIRSEQ_KD_TRUSTED_CHECKPOINTS": os.pathsep.join(["/ckpts/ok", "/other/file.pt"])}
+    old = dict(os.environ)
+    try:
+        os.environ.update(env)
+        assert is_trusted("/ckpts/ok/a/b.pt") and is_trusted("/other/file.pt")
+        assert not is_trusted("/ckpts/okay.pt") and not is_trusted(None)
+    finally:
+        os.environ.clear()
+        os.environ.update(old)
+
+
+# -- 5. manifest roots relative to the manifest ---------------------------------------------------
+def _tiny_manifest(folder: Path) -> Path:
+    (folder / "audio").mkdir(parents=True)
+    sf.write(folder / "audio" / "a.flac", np.zeros(16000, dtype="float32"), 16000)
+    (folder / "train.tsv").write_text("audio\na.flac\t16000\n")
+    return folder / "train.tsv"
+
+
+SNIPPET_DATASET = (
+    "import sys\n"
+    "from fairseq.data.audio.raw_audio_dataset import FileAudioDataset\n"
+    "ds = FileAudioDataset(sys.argv[1], sample_rate=16000)\n"
+    "assert ds[0]['source'].shape[0] == 16000\n"
+)
+
+
+def test_relative_manifest_root_works_from_any_directory(tmp_path):
+    manifest = _tiny_manifest(tmp_path / "data")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run([sys.executable, "-c", SNIPPET_DATASET, str(manifest)], cwd=elsewhere)
+    broken = run(
+        [sys.executable, "-c", SNIPPET_DATASET, str(manifest)],
+        cwd=elsewhere, env=without("manifest_root"), check=False,
+    )
+    assert broken.returncode != 0 and "audio/a.flac" in broken.stderr
+
+
+# -- 6. common.user_dir naming the installed package ----------------------------------------------
+def test_user_dir_may_name_the_installed_package(tmp_path):
+    snippet = (
+        "import argparse\n"
+        "from fairseq import utils\n"
+        "utils.import_user_module(argparse.Namespace(user_dir='fairseq_kd'))\n"
+        "import sys; assert 'fairseq_kd' in sys.modules\n"
+    )
+    python_snippet(snippet, cwd=tmp_path)
+
+
+# -- the console scripts ---------------------------------------------------------------------------
+def test_console_scripts_start(tmp_path):
+    hydra_help = run([console_script("fairseq-hydra-train"), "--help"], cwd=tmp_path).stdout
+    assert "Configuration groups" in hydra_help and "task" in hydra_help
+    for script in ("fairseq-train", "fairseq-validate"):
+        proc = run([console_script(script), "--help"], cwd=tmp_path)
+        assert f"usage: {script}" in proc.stdout
+    conf = run([console_script("fairseq-kd-infer"), "--conf-dir"], cwd=tmp_path).stdout.strip()
+    assert Path(conf, "infer.yaml").is_file()
+
+
+def test_switching_the_whole_layer_off_leaves_no_trace(tmp_path):
+    snippet = (
+        "import sys, dataclasses\n"
+        "assert not any(type(f).__name__ == 'PostImportPatcher' for f in sys.meta_path)\n"
+        "assert not getattr(dataclasses._get_field, '_fairseq_kd_compat', False)\n"
+    )
+    python_snippet(snippet, cwd=tmp_path, env=OFF)
