@@ -12,7 +12,7 @@ import shutil
 import subprocess
 import sys
 
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 from setuptools.command.build_py import build_py
 
 try:
@@ -22,6 +22,7 @@ except ImportError:  # setuptools < 64: editable installs go through ``develop``
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PTH = "fairseq_kd_compat.pth"
+HYDRA_PLUGIN = os.path.join("hydra_plugins", "fairseq_kd_searchpath")
 SUPPORTED_TORCH = ">=2.6,<2.14"  # what the compatibility layer is tested against; 2.13.0 here
 MAX_PIP = (24, 1)  # pip >= 24.1 rejects omegaconf 2.0.6's metadata (fairseq#5511)
 
@@ -111,6 +112,12 @@ if editable_wheel is not None:
         def _run_build_commands(self, dist_name, unpacked_wheel, *args, **kwargs):
             result = super()._run_build_commands(dist_name, unpacked_wheel, *args, **kwargs)
             shutil.copy(os.path.join(HERE, PTH), os.path.join(unpacked_wheel, PTH))
+            # hydra scans `hydra_plugins` with pkgutil, which cannot see through setuptools'
+            # editable finder: the (tiny, stable) search-path plugin is installed as a real copy
+            shutil.copytree(
+                os.path.join(HERE, HYDRA_PLUGIN), os.path.join(unpacked_wheel, HYDRA_PLUGIN),
+                ignore=shutil.ignore_patterns("__pycache__"),
+            )
             return result
 
     cmdclass["editable_wheel"] = EditableWheelWithPth
@@ -129,7 +136,9 @@ setup(
     long_description=long_description,
     long_description_content_type="text/markdown",
     python_requires=">=3.9",
-    packages=find_packages(include=["fairseq_kd", "fairseq_kd.*", "fairseq_kd_compat", "hydra_plugins", "hydra_plugins.*"]),
+    packages=find_packages(include=["fairseq_kd", "fairseq_kd.*", "fairseq_kd_compat"])
+    # hydra discovers plugins in the `hydra_plugins` namespace package
+    + find_namespace_packages(include=["hydra_plugins.*"]),
     include_package_data=True,
     package_data={"fairseq_kd": ["config/**/*.yaml", "config/*.yaml"]},
     install_requires=[
