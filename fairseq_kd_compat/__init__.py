@@ -29,7 +29,7 @@ FIXES: Dict[str, str] = {
     "safe_checkpoint_load": "fairseq.checkpoint_utils / fairseq.distributed.utils: torch >= 2.6 "
     "weights_only loading, with an allow-list of the classes fairseq checkpoints hold",
     "numpy_aliases": "fairseq.data.data_utils / fairseq.modules.dynamic_crf_layer: np.int/np.float "
-    "removed in numpy 1.24",
+    "removed in numpy 1.24, np.percentile(interpolation=) removed in numpy 2 (length buckets)",
     "manifest_root": "fairseq.data.audio.raw_audio_dataset / hubert_dataset: a relative manifest root "
     "that does not exist from the working directory is resolved against the manifest's folder",
     "user_dir_module": "fairseq.utils: common.user_dir may name an installed package (e.g. fairseq_kd)",

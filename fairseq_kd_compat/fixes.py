@@ -91,10 +91,19 @@ def patch_torch_load(module: types.ModuleType) -> None:
 
 
 # 4. numpy >= 1.24 aliases ------------------------------------------------------------------------
+def _percentile(numpy_module: types.ModuleType) -> Callable:
+    def percentile(*args: Any, interpolation: Any = None, **kwargs: Any) -> Any:
+        if interpolation is not None:  # renamed `method` in numpy 1.22, removed in 2.x
+            kwargs.setdefault("method", interpolation)
+        return numpy_module.percentile(*args, **kwargs)
+
+    return percentile
+
+
 def patch_numpy_aliases(module: types.ModuleType) -> None:
     import numpy
 
-    module.np = ModuleProxy(numpy, int=int, float=float)
+    module.np = ModuleProxy(numpy, int=int, float=float, percentile=_percentile(numpy))
 
 
 # 5. manifest roots relative to the manifest -------------------------------------------------------

@@ -1,0 +1,1 @@
+from fairseq_kd.criterions import layer_distill  # noqa: F401

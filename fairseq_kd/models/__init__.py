@@ -1,0 +1,1 @@
+from fairseq_kd.models import thin_hubert  # noqa: F401

@@ -1,0 +1,1 @@
+from fairseq_kd.tasks import distill_hubert  # noqa: F401

@@ -1,0 +1,226 @@
+"""Knowledge-distillation criterions: thin fairseq wrappers around ``kd_losses``.
+
+One implementation, three registered names with the papers' defaults:
+
+* ``layer_distill``: generic layer-to-layer distillation. Any student output (a hint head on any
+  student layer, 0 = the projected CNN feature, or a prediction head) against any teacher layer or
+  the mean of several; per-output weights; L1, L2, cosine and log-sigmoid cosine terms.
+* ``distilhubert_loss``: L1 + log-sigmoid cosine (lambda = 1), averaged over the predicted layers.
+* ``fithubert_hint``: MSE hints, weight 0.1 on every layer but the last (1.0), summed.
+
+Which student outputs exist is decided by the model (``hint_layer_ids``, ``pred_layer_ids``); which
+teacher layer(s) each one learns from, and with which weight, is decided here.
+"""
+
+
+from dataclasses import dataclass, field
+from typing import Dict, List, NamedTuple, Optional, Sequence
+
+import torch
+from fairseq import metrics
+from fairseq.criterions import FairseqCriterion, register_criterion
+from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+
+from fairseq_kd.criterions.kd_losses import align_to_teacher, layer_loss, mean_of_layers
+
+COS_TYPE_CHOICES = ChoiceEnum(["logsig", "raw"])
+LAYER_REDUCTION_CHOICES = ChoiceEnum(["sum", "mean"])
+PART_PREFIXES = ("loss", "l1", "l2", "cos")
+
+
+@dataclass
+class LayerDistillConfig(FairseqDataclass):
+    # layer mapping
+    hint_targets: List[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "teacher target of each model.hint_layer_ids entry, in order: a layer id ('4') or "
+            "'+'-joined ids whose mean is the target ('9+10+11+12'); empty = the student layer's own id"
+        },
+    )
+    layer_weights: List[float] = field(
+        default_factory=list,
+        metadata={
+            "help": "weight of each distilled output: hints (model.hint_layer_ids order) then predictions "
+            "(model.pred_layer_ids order); empty = 1.0 each, or FitHuBERT's 0.1/1.0 with hint_weight"
+        },
+    )
+    hint_weight: Optional[float] = field(
+        default=None,
+        metadata={"help": "if set and layer_weights is empty: this weight on every output but the last (1.0)"},
+    )
+    layer_reduction: LAYER_REDUCTION_CHOICES = field(
+        default="sum", metadata={"help": "sum the weighted per-layer losses, or average them"}
+    )
+    # loss terms
+    l1_weight: float = field(default=1.0, metadata={"help": "weight of the L1 term"})
+    l2_weight: float = field(default=0.0, metadata={"help": "weight of the L2 (MSE) term"})
+    cos_weight: float = field(default=1.0, metadata={"help": "weight of the cosine term"})
+    cos_type: COS_TYPE_CHOICES = field(
+        default="logsig",
+        metadata={"help": "logsig: -log sigmoid(cos) (DistilHuBERT); raw: 1 - cos (DPHuBERT)"},
+    )
+
+
+@dataclass
+class DistilHubertLossConfig(LayerDistillConfig):
+    layer_reduction: LAYER_REDUCTION_CHOICES = field(
+        default="mean", metadata={"help": "DistilHuBERT averages its loss over the predicted layers"}
+    )
+
+
+@dataclass
+class FitHubertHintConfig(LayerDistillConfig):
+    hint_weight: Optional[float] = field(
+        default=0.1, metadata={"help": "FitHuBERT: 0.1 on layers 1-11, 1.0 on the last"}
+    )
+    l1_weight: float = field(default=0.0, metadata={"help": "weight of the L1 term"})
+    l2_weight: float = field(default=1.0, metadata={"help": "weight of the L2 (MSE) term"})
+    cos_weight: float = field(default=0.0, metadata={"help": "weight of the cosine term"})
+
+
+class DistillTarget(NamedTuple):
+    name: str  # log name: h<student layer> for hints, p<teacher layer> for predictions
+    kind: str  # "hints" or "preds"
+    key: int  # key into the model's output dict of that kind
+    teacher_layers: List[int]
+    weight: float
+
+
+def parse_teacher_layers(spec: str, key: str) -> List[int]:
+    try:
+        layers = [int(part) for part in str(spec).split("+")]
+    except ValueError:
+        raise ValueError(f"{key}: {spec!r} is not a layer id or '+'-joined layer ids (e.g. '4' or '9+10')")
+    return layers
+
+
+def build_targets(cfg: LayerDistillConfig, model_cfg) -> List[DistillTarget]:
+    """Pair every student output the model makes with its teacher layer(s) and weight."""
+    hint_layers = list(model_cfg.hint_layer_ids)
+    pred_layers = list(model_cfg.pred_layer_ids)
+    if not hint_layers and not pred_layers:
+        raise ValueError(
+            "the student has no distillation outputs: set model.hint_layer_ids and/or model.pred_layer_ids"
+        )
+    hint_specs = list(cfg.hint_targets) or [str(layer) for layer in hint_layers]
+    if len(hint_specs) != len(hint_layers):
+        raise ValueError(
+            f"criterion.hint_targets has {len(hint_specs)} entries but model.hint_layer_ids has "
+            f"{len(hint_layers)}: give one teacher target per hint layer"
+        )
+    count = len(hint_layers) + len(pred_layers)
+    weights = list(cfg.layer_weights)
+    if not weights:
+        weights = [1.0] * count
+        if cfg.hint_weight is not None:
+            weights = [float(cfg.hint_weight)] * (count - 1) + [1.0]
+    if len(weights) != count:
+        raise ValueError(
+            f"criterion.layer_weights has {len(weights)} entries but the student makes {count} "
+            f"distillation outputs ({len(hint_layers)} hints + {len(pred_layers)} predictions)"
+        )
+    targets = [
+        DistillTarget(f"h{layer}", "hints", layer, parse_teacher_layers(spec, "criterion.hint_targets"), w)
+        for layer, spec, w in zip(hint_layers, hint_specs, weights)
+    ]
+    targets += [
+        DistillTarget(f"p{layer}", "preds", layer, [layer], w)
+        for layer, w in zip(pred_layers, weights[len(hint_layers):])
+    ]
+    return targets
+
+
+def teacher_target(states: Sequence[torch.Tensor], layers: List[int]) -> torch.Tensor:
+    return states[layers[0]] if len(layers) == 1 else mean_of_layers([states[i] for i in layers])
+
+
+@register_criterion("layer_distill", dataclass=LayerDistillConfig)
+class LayerDistillCriterion(FairseqCriterion):
+    def __init__(self, cfg: LayerDistillConfig, task):
+        super().__init__(task)
+        self.cfg = cfg
+        self.targets: Optional[List[DistillTarget]] = None
+
+    @classmethod
+    def build_criterion(cls, cfg: LayerDistillConfig, task):
+        criterion = cls(cfg, task)
+        model_cfg = getattr(task, "student_cfg", None)
+        if model_cfg is not None:  # validate the mapping against the teacher before training
+            criterion.setup(model_cfg)
+        return criterion
+
+    def setup(self, model_cfg) -> None:
+        from fairseq_kd.teacher import check_layers
+
+        self.targets = build_targets(self.cfg, model_cfg)
+        for target in self.targets:
+            key = "criterion.hint_targets" if target.kind == "hints" else "model.pred_layer_ids"
+            check_layers(self.task.teacher, target.teacher_layers, key)
+
+    def forward(self, model, sample, reduce: bool = True):
+        net_input = sample["net_input"]
+        source = net_input["source"]
+        padding_mask = net_input.get("padding_mask")
+        if self.targets is None:
+            self.setup(model.cfg)
+
+        teacher = self.task.teacher_on(source.device)
+        teacher_states, teacher_mask = teacher.hidden_states(source.float(), padding_mask)
+        student = model(source=source, padding_mask=padding_mask)
+
+        total = source.new_zeros((), dtype=torch.float32)
+        logging_output: Dict[str, float] = {}
+        sample_size = None
+        for target in self.targets:
+            prediction = student[target.kind][target.key]
+            s, t, valid = align_to_teacher(
+                prediction, teacher_target(teacher_states, target.teacher_layers), teacher_mask
+            )
+            terms = layer_loss(
+                s, t, valid, l1=self.cfg.l1_weight, l2=self.cfg.l2_weight,
+                cos=self.cfg.cos_weight, cos_type=str(self.cfg.cos_type),
+            )
+            total = total + target.weight * terms["loss"]
+            frames = int(terms["frames"])
+            sample_size = frames if sample_size is None else sample_size
+            # normalise every layer's sums to the first layer's frame count (they differ by trimming)
+            scale = sample_size / max(frames, 1)
+            for term in ("loss", "l1", "l2", "cos", "cos_sim"):
+                if term in terms:
+                    logging_output[f"{term}_{target.name}"] = float(terms[term].detach()) * scale
+        if self.cfg.layer_reduction == "mean":
+            total = total / len(self.targets)
+
+        logging_output.update(
+            loss=float(total.detach()),
+            sample_size=sample_size,
+            nsentences=source.size(0),
+            ntokens=sample_size,
+        )
+        return total, sample_size, logging_output
+
+    @staticmethod
+    def reduce_metrics(logging_outputs) -> None:
+        sample_size = sum(log.get("sample_size", 0) for log in logging_outputs)
+        metrics.log_scalar("loss", sum(log.get("loss", 0) for log in logging_outputs) / max(sample_size, 1), sample_size, round=4)
+        metrics.log_scalar("nsentences", sum(log.get("nsentences", 0) for log in logging_outputs))
+        # per-output parts: loss_h4, l1_p8, l2_h12, cos_h3, cos_sim_p4 (cosine similarity to the teacher)
+        keys = {k for log in logging_outputs for k in log if "_" in k and k.split("_")[0] in PART_PREFIXES}
+        for key in sorted(keys):
+            value = sum(log.get(key, 0) for log in logging_outputs)
+            metrics.log_scalar(key, value / max(sample_size, 1), sample_size, round=4)
+
+    @staticmethod
+    def logging_outputs_can_be_summed() -> bool:
+        return True
+
+
+@register_criterion("distilhubert_loss", dataclass=DistilHubertLossConfig)
+class DistilHubertLossCriterion(LayerDistillCriterion):
+    pass
+
+
+@register_criterion("fithubert_hint", dataclass=FitHubertHintConfig)
+class FitHubertHintCriterion(LayerDistillCriterion):
+    pass
