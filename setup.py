@@ -161,6 +161,8 @@ setup(
     entry_points={
         "console_scripts": [
             "fairseq-kd-infer = fairseq_kd.cli.infer:main",
+            "fairseq-kd-summary = fairseq_kd.cli.summary:main",
+            "fairseq-kd-prepare-asr = fairseq_kd.data.prepare_asr:main",
             "fairseq-kd-make-corpus = fairseq_kd.data.mini_corpus:main",
             "fairseq-kd-mfcc-kmeans = fairseq_kd.data.mfcc_kmeans:main",
         ],

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +45,20 @@ def run(
     return proc
 
 
+def json_logs(stdout: str, kind: str = "train_inner") -> List[dict]:
+    """The json records fairseq logs (common.log_format=json): train_inner, valid, train."""
+    records = []
+    for line in stdout.splitlines():
+        match = re.search(r"\]\[" + kind + r"\]\[INFO\] - (\{.*\})$", line)
+        if match:
+            records.append(json.loads(match.group(1)))
+    return records
+
+
+def train_logs(stdout: str) -> List[dict]:
+    return json_logs(stdout, "train_inner")
+
+
 def python_snippet(code: str, **kwargs) -> subprocess.CompletedProcess:
     return run([sys.executable, "-c", code], **kwargs)
 
@@ -52,3 +68,49 @@ def fairseq_dir() -> Path:
     import fairseq
 
     return Path(fairseq.__file__).parent
+
+
+# -- a small HuBERT teacher trained by fairseq's own hubert_pretraining ---------------------------
+TINY_HUBERT = [
+    "+model.encoder_layers=2",
+    "+model.encoder_embed_dim=64",
+    "+model.encoder_ffn_embed_dim=128",
+    "+model.encoder_attention_heads=4",
+    "model.conv_feature_layers='[(64,10,5)] + [(64,3,2)] * 4 + [(64,2,2)] * 2'",
+    "model.final_dim=32",
+]
+CPU = ["common.fp16=false", "distributed_training.distributed_world_size=1", "dataset.num_workers=0"]
+
+
+def make_km_labels(out: Path, n_clusters: int = 20) -> Path:
+    run([sys.executable, "-m", "fairseq_kd.data.mfcc_kmeans", "--manifest-dir", str(MANIFESTS),
+         "--splits", "train", "valid", "--n-clusters", str(n_clusters), "--n-init", "2",
+         "--out-dir", str(out)])
+    return out
+
+
+def hubert_pretrain(fairseq_dir: Path, labels: Path, save_dir: Path, max_update: int,
+                    extra: Optional[List[str]] = None) -> str:
+    """fairseq's hubert_base_librispeech.yaml, shrunk to a 2 x 64 model for CPU; returns stdout."""
+    cmd = [
+        console_script("fairseq-hydra-train"),
+        "--config-dir", str(fairseq_dir / "examples/hubert/config/pretrain"),
+        "--config-name", "hubert_base_librispeech",
+        f"task.data={MANIFESTS}", f"task.label_dir={labels}", "task.labels=[km]",
+        "model.label_rate=100", *TINY_HUBERT, *CPU,
+        "dataset.max_tokens=120000", f"optimization.max_update={max_update}",
+        f"checkpoint.save_dir={save_dir}", f"hydra.run.dir={save_dir}",
+        "common.log_interval=1", "common.log_format=json", "common.seed=3", *(extra or []),
+    ]
+    return run(cmd, cwd=save_dir.parent).stdout
+
+
+@pytest.fixture(scope="session")
+def trained_teacher(tmp_path_factory, fairseq_dir) -> Path:
+    """checkpoint_last.pt of a 2 x 64 HuBERT pre-trained for 30 updates on the bundled corpus."""
+    work = tmp_path_factory.mktemp("teacher")
+    labels = make_km_labels(work / "labels")
+    hubert_pretrain(fairseq_dir, labels, work / "pretrain", max_update=30,
+                    extra=["lr_scheduler.warmup_updates=5", "dataset.disable_validation=true",
+                           "model.encoder_layerdrop=0.0"])
+    return work / "pretrain" / "checkpoint_last.pt"

@@ -53,6 +53,7 @@ def _model_fields(
     extractor_mode: Optional[str],
     dropout: float,
     conv_pos: int,
+    conv_pos_groups: int = 4,
 ) -> Dict[str, Any]:
     """Architecture fields shared by HubertConfig and Wav2Vec2Config (fairseq's own names)."""
     return dict(
@@ -66,7 +67,7 @@ def _model_fields(
         # with the group-norm CNN ("default")
         extractor_mode=extractor_mode or ("layer_norm" if layer_norm_first else "default"),
         conv_pos=conv_pos,
-        conv_pos_groups=4,
+        conv_pos_groups=conv_pos_groups,
         final_dim=16,
         # non-zero training-time regularisation, as in the real configs, so that tests can show
         # the teacher switches it off
@@ -168,6 +169,7 @@ def hubert_cfg(
     normalize: bool = False,
     dropout: float = 0.1,
     conv_pos: int = 16,
+    conv_pos_groups: int = 4,
 ) -> DictConfig:
     """Full hydra config of a tiny HuBERT pre-training run (task ``hubert_pretraining``)."""
     task_cfg = HubertPretrainingConfig(
@@ -188,6 +190,7 @@ def hubert_cfg(
         extractor_mode=extractor_mode,
         dropout=dropout,
         conv_pos=conv_pos,
+        conv_pos_groups=conv_pos_groups,
     )
     model_cfg = HubertConfig(**fields)
     return _full_cfg(task_cfg, model_cfg, HubertCriterionConfig(pred_masked_weight=1.0), "hubert")
@@ -205,6 +208,7 @@ def wav2vec2_cfg(
     normalize: bool = False,
     dropout: float = 0.1,
     conv_pos: int = 16,
+    conv_pos_groups: int = 4,
 ) -> DictConfig:
     """Full hydra config of a tiny wav2vec 2.0 pre-training run (task ``audio_pretraining``)."""
     task_cfg = AudioPretrainingConfig(data=MISSING_DATA_DIR, sample_rate=16_000, normalize=normalize)
@@ -218,6 +222,7 @@ def wav2vec2_cfg(
         extractor_mode=extractor_mode,
         dropout=dropout,
         conv_pos=conv_pos,
+        conv_pos_groups=conv_pos_groups,
     )
     model_cfg = Wav2Vec2Config(latent_vars=8, latent_groups=2, latent_dim=0, **fields)
     return _full_cfg(task_cfg, model_cfg, Wav2VecCriterionConfig(), "wav2vec2")
@@ -237,6 +242,7 @@ def make_hubert_checkpoint(
     num_classes: int = 20,
     dropout: float = 0.1,
     conv_pos: int = 16,
+    conv_pos_groups: int = 4,
     seed: int = 0,
 ) -> Path:
     """Write a tiny pre-trained-HuBERT checkpoint (hydra layout) and return its path."""
@@ -251,6 +257,7 @@ def make_hubert_checkpoint(
         normalize=normalize,
         dropout=dropout,
         conv_pos=conv_pos,
+        conv_pos_groups=conv_pos_groups,
     )
     # the dictionaries arrive through the task state, as after load_dictionaries() in training
     task, model = _build(cfg, {"dictionaries": [_km_dictionary(num_classes)]}, seed)
@@ -270,6 +277,7 @@ def make_wav2vec2_checkpoint(
     normalize: bool = False,
     dropout: float = 0.1,
     conv_pos: int = 16,
+    conv_pos_groups: int = 4,
     seed: int = 0,
 ) -> Path:
     """Write a tiny pre-trained-wav2vec 2.0 checkpoint (hydra layout) and return its path."""
@@ -284,6 +292,7 @@ def make_wav2vec2_checkpoint(
         normalize=normalize,
         dropout=dropout,
         conv_pos=conv_pos,
+        conv_pos_groups=conv_pos_groups,
     )
     task, model = _build(cfg, None, seed)
     return _save(_trainer_state(cfg, model, task, "Wav2vecCriterion"), path)

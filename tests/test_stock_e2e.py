@@ -7,59 +7,24 @@ decoding with fairseq's infer.py. It proves the compatibility layer, before any 
 
 from __future__ import annotations
 
-import json
 import re
-import sys
 from pathlib import Path
 from typing import List
 
 import pytest
 
-from conftest import MANIFESTS, console_script, run
-
-TINY_HUBERT = [
-    "+model.encoder_layers=2",
-    "+model.encoder_embed_dim=64",
-    "+model.encoder_ffn_embed_dim=128",
-    "+model.encoder_attention_heads=4",
-    "model.conv_feature_layers='[(64,10,5)] + [(64,3,2)] * 4 + [(64,2,2)] * 2'",
-    "model.final_dim=32",
-]
-CPU = ["common.fp16=false", "distributed_training.distributed_world_size=1", "dataset.num_workers=0"]
-
-
-def train_logs(stdout: str) -> List[dict]:
-    """The json records fairseq logs for every update (common.log_format=json)."""
-    records = []
-    for line in stdout.splitlines():
-        match = re.search(r"\]\[train_inner\]\[INFO\] - (\{.*\})$", line)
-        if match:
-            records.append(json.loads(match.group(1)))
-    return records
-
+from conftest import CPU, MANIFESTS, console_script, hubert_pretrain, make_km_labels, run, train_logs
 
 @pytest.fixture(scope="module")
 def km_labels(tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("labels")
-    run([sys.executable, "-m", "fairseq_kd.data.mfcc_kmeans", "--manifest-dir", str(MANIFESTS),
-         "--splits", "train", "valid", "--n-clusters", "20", "--n-init", "2", "--out-dir", str(out)])
-    return out
+    return make_km_labels(tmp_path_factory.mktemp("labels"))
 
 
 def pretrain(fairseq_dir: Path, labels: Path, save_dir: Path, max_update: int) -> str:
-    cmd = [
-        console_script("fairseq-hydra-train"),
-        "--config-dir", str(fairseq_dir / "examples/hubert/config/pretrain"),
-        "--config-name", "hubert_base_librispeech",
-        f"task.data={MANIFESTS}", f"task.label_dir={labels}", "task.labels=[km]",
-        "model.label_rate=100", *TINY_HUBERT, *CPU,
-        "dataset.max_tokens=120000", f"optimization.max_update={max_update}",
+    return hubert_pretrain(fairseq_dir, labels, save_dir, max_update, extra=[
         "lr_scheduler.warmup_updates=2", "+lr_scheduler.total_num_update=6",
-        f"checkpoint.save_dir={save_dir}", f"hydra.run.dir={save_dir}",
         "checkpoint.save_interval_updates=2", "dataset.validate_interval_updates=2",
-        "common.log_interval=1", "common.log_format=json", "common.seed=3",
-    ]
-    return run(cmd, cwd=save_dir.parent).stdout
+    ])
 
 
 def test_stock_hubert_pretrain_resume_finetune_decode(tmp_path, fairseq_dir, km_labels):

@@ -91,7 +91,10 @@ def parse_teacher_layers(spec: str, key: str) -> List[int]:
     try:
         layers = [int(part) for part in str(spec).split("+")]
     except ValueError:
-        raise ValueError(f"{key}: {spec!r} is not a layer id or '+'-joined layer ids (e.g. '4' or '9+10')")
+        raise ValueError(
+            f"{key}: {spec!r} is not a layer id or '+'-joined layer ids: write a teacher layer id "
+            "('4') or the layers whose mean is the target ('9+10+11+12')"
+        ) from None
     return layers
 
 
@@ -118,11 +121,13 @@ def build_targets(cfg: LayerDistillConfig, model_cfg) -> List[DistillTarget]:
     if len(weights) != count:
         raise ValueError(
             f"criterion.layer_weights has {len(weights)} entries but the student makes {count} "
-            f"distillation outputs ({len(hint_layers)} hints + {len(pred_layers)} predictions)"
+            f"distillation outputs ({len(hint_layers)} hints + {len(pred_layers)} predictions): give "
+            "one weight per output (model.hint_layer_ids order, then model.pred_layer_ids), or leave "
+            "it empty for 1.0 each"
         )
     targets = [
-        DistillTarget(f"h{layer}", "hints", layer, parse_teacher_layers(spec, "criterion.hint_targets"), w)
-        for layer, spec, w in zip(hint_layers, hint_specs, weights)
+        DistillTarget(f"h{layer}", "hints", layer, parse_teacher_layers(spec, f"criterion.hint_targets[{i}]"), w)
+        for i, (layer, spec, w) in enumerate(zip(hint_layers, hint_specs, weights))
     ]
     targets += [
         DistillTarget(f"p{layer}", "preds", layer, [layer], w)
@@ -155,7 +160,15 @@ class LayerDistillCriterion(FairseqCriterion):
 
         self.targets = build_targets(self.cfg, model_cfg)
         for target in self.targets:
-            key = "criterion.hint_targets" if target.kind == "hints" else "model.pred_layer_ids"
+            if target.kind == "preds":
+                key = "model.pred_layer_ids"
+            elif self.cfg.hint_targets:
+                key = "criterion.hint_targets"
+            else:  # the mapping came from the student's own layer ids
+                key = (
+                    "model.hint_layer_ids (criterion.hint_targets is empty, so each hint learns from "
+                    "the teacher layer with the same id; set criterion.hint_targets to map them)"
+                )
             check_layers(self.task.teacher, target.teacher_layers, key)
 
     def forward(self, model, sample, reduce: bool = True):
