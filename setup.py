@@ -162,6 +162,7 @@ setup(
         "console_scripts": [
             "fairseq-kd-infer = fairseq_kd.cli.infer:main",
             "fairseq-kd-summary = fairseq_kd.cli.summary:main",
+            "fairseq-kd-score = fairseq_kd.cli.score:main",
             "fairseq-kd-prepare-asr = fairseq_kd.data.prepare_asr:main",
             "fairseq-kd-make-corpus = fairseq_kd.data.mini_corpus:main",
             "fairseq-kd-mfcc-kmeans = fairseq_kd.data.mfcc_kmeans:main",

@@ -1,1 +1,2 @@
 from fairseq_kd.tasks import distill_hubert  # noqa: F401
+from fairseq_kd.tasks import kd_finetuning  # noqa: F401
