@@ -157,13 +157,20 @@ setup(
         "scikit-learn",  # k-means for HuBERT targets, as fairseq's simple_kmeans; EER via roc_curve
         "tqdm",
     ],
-    extras_require={"test": ["pytest"]},
+    extras_require={
+        "test": ["pytest"],
+        # decode_kenlm (infer.py's KenLM lexicon beam search): flashlight's Python decoder, a wheel
+        # that bundles KenLM; the kenlm module (an sdist, ~4 min to compile) is only for querying
+        # or checking LMs from Python and is not needed by the decoder itself
+        "lm": ["flashlight-text"],
+    },
     entry_points={
         "console_scripts": [
             "fairseq-kd-infer = fairseq_kd.cli.infer:main",
             "fairseq-kd-summary = fairseq_kd.cli.summary:main",
             "fairseq-kd-score = fairseq_kd.cli.score:main",
             "fairseq-kd-prepare-asr = fairseq_kd.data.prepare_asr:main",
+            "fairseq-kd-lexicon = fairseq_kd.data.lexicon:main",
             "fairseq-kd-make-corpus = fairseq_kd.data.mini_corpus:main",
             "fairseq-kd-mfcc-kmeans = fairseq_kd.data.mfcc_kmeans:main",
         ],

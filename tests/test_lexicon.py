@@ -1,0 +1,73 @@
+"""fairseq-kd-lexicon: the word -> letters lexicon read by decode_kenlm."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fairseq_kd.data.lexicon import main
+
+MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
+
+
+def read_lexicon(path: Path) -> dict[str, str]:
+    entries = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        word, spelling = line.split("\t")
+        assert word not in entries, f"{word} listed twice"
+        entries[word] = spelling
+    return entries
+
+
+def test_bundled_train_words_spell_like_their_letter_labels(tmp_path: Path) -> None:
+    out = tmp_path / "lexicon.txt"
+    args = ["--dict", str(MANIFESTS / "dict.ltr.txt"), "--out", str(out)]
+    assert main(args + [str(MANIFESTS / "train.wrd")]) == 0
+    lexicon = read_lexicon(out)
+    words = MANIFESTS.joinpath("train.wrd").read_text().splitlines()
+    letters = MANIFESTS.joinpath("train.ltr").read_text().splitlines()
+    assert set(lexicon) == {w for line in words for w in line.split()}
+    assert list(lexicon) == sorted(lexicon)
+    # every word's spelling is exactly its piece of the .ltr label the model was trained on
+    for wrd, ltr in zip(words, letters, strict=True):
+        pieces = [p.strip() + " |" for p in ltr.split("|")[:-1]]
+        assert [lexicon[w] for w in wrd.split()] == pieces
+    assert lexicon["SHE'S"] == "S H E ' S |"
+
+
+def test_vocabulary_file_keeps_case_and_reports_unspellable_words(tmp_path: Path) -> None:
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("hello\nB52\nworld hello\n")
+    out = tmp_path / "lexicon.txt"
+    args = ["--dict", str(MANIFESTS / "dict.ltr.txt"), "--out", str(out), str(vocab)]
+    with pytest.raises(SystemExit) as error:
+        main(args)
+    message = str(error.value)
+    assert f"{vocab}:2: word 'B52' has units ['2', '5']" in message
+    assert "--skip-unspellable" in message and not out.exists()
+
+    assert main(args + ["--skip-unspellable"]) == 0
+    # words kept as written (they must match the LM's words), spellings in the dictionary's units
+    assert read_lexicon(out) == {"hello": "H E L L O |", "world": "W O R L D |"}
+
+
+def test_existing_lexicon_is_kept_without_overwrite(tmp_path: Path) -> None:
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("CAT\n")
+    out = tmp_path / "lexicon.txt"
+    out.write_text("mine\n")
+    args = ["--dict", str(MANIFESTS / "dict.ltr.txt"), "--out", str(out), str(vocab)]
+    with pytest.raises(SystemExit, match="(?s)already exist.*--overwrite"):
+        main(args)
+    assert out.read_text() == "mine\n"
+    assert main(args + ["--overwrite"]) == 0
+    assert out.read_text() == "CAT\tC A T |\n"
+
+
+def test_missing_inputs_are_named(tmp_path: Path) -> None:
+    out = str(tmp_path / "lexicon.txt")
+    with pytest.raises(SystemExit, match="word file .*nope.wrd does not exist"):
+        main(["--dict", str(MANIFESTS / "dict.ltr.txt"), "--out", out, str(tmp_path / "nope.wrd")])
+    with pytest.raises(SystemExit, match="--dict .*nodict.txt does not exist"):
+        main(["--dict", str(tmp_path / "nodict.txt"), "--out", out, str(MANIFESTS / "train.wrd")])
