@@ -1,1 +1,2 @@
 from fairseq_kd.criterions import layer_distill  # noqa: F401
+from fairseq_kd.criterions import kws_sv  # noqa: F401
