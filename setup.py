@@ -156,27 +156,19 @@ setup(
         "soxr",
         "scikit-learn",  # k-means for HuBERT targets, as fairseq's simple_kmeans; EER via roc_curve
         "tqdm",
-        "matplotlib",  # the main job's training-curve and similarity plots (PNG, Agg backend)
     ],
     extras_require={
-        # + the "export" extra: tests/test_export.py checks ONNX parity with onnxruntime; wheels
-        # only, ~7 s and ~120 MB to install (the env is ~1.1 GB), no torch requirement
-        "test": ["pytest", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
+        "test": ["pytest"],
         # decode_kenlm (infer.py's KenLM lexicon beam search): flashlight's Python decoder, a wheel
         # that bundles KenLM; the kenlm module (an sdist, ~4 min to compile) is only for querying
         # or checking LMs from Python and is not needed by the decoder itself
         "lm": ["flashlight-text"],
-        # fairseq-kd-export --onnx: torch's dynamo ONNX exporter needs onnx + onnxscript, the parity
-        # and latency checks run onnxruntime (CPU)
-        "export": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
     },
     entry_points={
         "console_scripts": [
             "fairseq-kd-infer = fairseq_kd.cli.infer:main",
             "fairseq-kd-summary = fairseq_kd.cli.summary:main",
-            "fairseq-kd-export = fairseq_kd.cli.export:main",
             "fairseq-kd-score = fairseq_kd.cli.score:main",
-            "fairseq-kd-report = fairseq_kd.cli.report:main",
             "fairseq-kd-prepare-asr = fairseq_kd.data.prepare_asr:main",
             "fairseq-kd-lexicon = fairseq_kd.data.lexicon:main",
             "fairseq-kd-make-corpus = fairseq_kd.data.mini_corpus:main",
