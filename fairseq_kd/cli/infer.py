@@ -45,10 +45,35 @@ def infer_conf_dir() -> str:
     return os.path.join(list(examples.__path__)[0], "speech_recognition", "new", "conf")
 
 
+def uses_flashlight(argv: list[str]) -> bool:
+    """Whether the command line asks for one of infer.py's flashlight beam-search decoders."""
+    types = [a.split("=", 1)[1] for a in argv if a.startswith("decoding.type=")]
+    if types:  # an explicit decoding.type overrides the config's
+        return types[-1] in ("kenlm", "fairseqlm")
+    names = [b for a, b in zip(argv, argv[1:]) if a in ("--config-name", "-cn")]
+    names += [a.split("=", 1)[1] for a in argv if a.startswith("--config-name=")]
+    return "decode_kenlm" in names
+
+
+def check_flashlight(argv: list[str]) -> None:
+    """fairseq only warns when flashlight is missing and fails later with a bare NameError."""
+    if not uses_flashlight(argv):
+        return
+    try:
+        import flashlight.lib.text.decoder  # noqa: F401
+    except ImportError as error:
+        raise SystemExit(
+            f"error: KenLM / fairseq-LM decoding needs flashlight's Python decoder ({error}): "
+            "pip install flashlight-text   (or: pip install 'fairseq_kd[lm]'); "
+            "decode_viterbi needs nothing extra"
+        ) from None
+
+
 def main() -> None:
     if sys.argv[1:] == ["--conf-dir"]:
         print(infer_conf_dir())
         return
+    check_flashlight(sys.argv[1:])
     alias_fairseq_examples()
     # As ``python infer.py``: hydra then resolves infer.py's own ``conf`` folder from its file.
     sys.argv[0] = "infer.py"

@@ -1,11 +1,15 @@
-"""fairseq-kd-lexicon: the word -> letters lexicon read by decode_kenlm."""
+"""LM decoding helpers: fairseq-kd-lexicon (the lexicon decode_kenlm reads) and fairseq-kd-infer's
+check for flashlight's decoder (flashlight-text is an optional extra, so CI may not have it)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import sys
+
 import pytest
 
+from fairseq_kd.cli import infer
 from fairseq_kd.data.lexicon import main
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
@@ -71,3 +75,25 @@ def test_missing_inputs_are_named(tmp_path: Path) -> None:
         main(["--dict", str(MANIFESTS / "dict.ltr.txt"), "--out", out, str(tmp_path / "nope.wrd")])
     with pytest.raises(SystemExit, match="--dict .*nodict.txt does not exist"):
         main(["--dict", str(tmp_path / "nodict.txt"), "--out", out, str(MANIFESTS / "train.wrd")])
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--config-name", "decode_kenlm", "task.data=m"], True),
+        (["--config-name=decode_kenlm"], True),
+        (["--config-name", "decode_viterbi", "decoding.type=kenlm"], True),
+        (["--config-name", "decode_kenlm", "decoding.type=viterbi"], False),
+        (["--config-name", "decode_viterbi", "common_eval.path=decode_kenlm"], False),
+    ],
+)
+def test_which_command_lines_need_flashlight(argv: list[str], expected: bool) -> None:
+    assert infer.uses_flashlight(argv) is expected
+
+
+def test_kenlm_decoding_without_flashlight_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    # as if flashlight-text were not installed: importing it raises ImportError
+    monkeypatch.setitem(sys.modules, "flashlight.lib.text.decoder", None)
+    monkeypatch.setattr(sys, "argv", ["fairseq-kd-infer", "--config-name", "decode_kenlm", "common.cpu=true"])
+    with pytest.raises(SystemExit, match="pip install flashlight-text"):
+        infer.main()
