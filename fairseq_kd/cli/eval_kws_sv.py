@@ -2,7 +2,7 @@
 #
 # This source code is licensed under the MIT license found in the
 # LICENSE file in the root directory of this source tree.
-"""``fairseq-kd-eval-kws-sv CHECKPOINT --data DIR --split test``: keyword accuracy, EER and minDCF.
+"""``fairseq-kd-eval-kws-sv CHECKPOINT [...] --data DIR --split test``: keyword accuracy, EER, minDCF.
 
 Rebuilds a fine-tuned ``kws_sv`` checkpoint on its own (the encoder's config and the label sets
 travel inside it: neither the distilled student, nor the teacher, nor the training data are
@@ -15,10 +15,11 @@ and reports:
   for the checkpoint's trial split (``test``), otherwise trials built from the split's speaker
   labels (as validation does).
 
-Results go to ``--results-path`` (default: beside the checkpoint) as
+Results go to ``--results-path`` (default: beside each checkpoint) as
 ``{checkpoint}.{split}.json`` plus ``{checkpoint}.{split}.scores`` (one ``target score path_a
-path_b`` line per scored trial). Every trial must name an utterance of the split, and (unless
-``--allow-seen-speakers``) no speaker of the split may be one the checkpoint was trained on.
+path_b`` line per scored trial). Several checkpoints (e.g. a frozen and a fine-tuned run) are
+evaluated one after the other in one process. Every trial must name an utterance of the split, and
+(unless ``--allow-seen-speakers``) no speaker of the split may be one the checkpoint was trained on.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fairseq-kd-eval-kws-sv",
         description="Keyword accuracy and speaker-verification EER / minDCF of a fine-tuned kws_sv checkpoint.",
     )
-    parser.add_argument("checkpoint", help="checkpoint_best.pt / checkpoint_last.pt of a kws_sv run")
+    parser.add_argument("checkpoints", nargs="+", metavar="CHECKPOINT",
+                        help="checkpoint_best.pt / checkpoint_last.pt of kws_sv runs")
     parser.add_argument("--data", required=True, help="prepared folder ({split}.tsv/.kw/.spk, dict.kw.txt, trials.txt)")
     parser.add_argument("--split", default="test", help="split to evaluate (default: test)")
     parser.add_argument("--trials", default=None, help="trial list for this split (default: see above)")
@@ -131,19 +133,36 @@ def write_results(results: Dict[str, Any], out_dir: str, stem: str) -> List[str]
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO, stream=sys.stdout)
     args = build_parser().parse_args(argv)
+    outputs = [
+        os.path.join(args.results_path or os.path.dirname(os.path.abspath(c)),
+                     f"{os.path.splitext(os.path.basename(c))[0]}.{args.split}")
+        for c in args.checkpoints
+    ]
+    if len(set(outputs)) < len(outputs):
+        print("fairseq-kd-eval-kws-sv: two checkpoints would write the same results file in --results-path; "
+              "leave --results-path out (results then go beside each checkpoint)", file=sys.stderr)
+        return 2
+    for checkpoint, stem in zip(args.checkpoints, outputs):
+        status = evaluate_checkpoint(args, checkpoint, stem)
+        if status:
+            return status
+    return 0
+
+
+def evaluate_checkpoint(args: argparse.Namespace, checkpoint: str, stem: str) -> int:
     from fairseq_kd.data.audio_checks import ManifestError
     from fairseq_kd.data.kws_sv import KwsSvDataError
     from fairseq_kd.models.kws_sv import KwsSvModelError
 
     try:
-        model, cfg, task = load(args.checkpoint, args.data, args.split, args.trials, args.allow_seen_speakers)
+        model, cfg, task = load(checkpoint, args.data, args.split, args.trials, args.allow_seen_speakers)
     except (KwsSvDataError, KwsSvModelError, ManifestError) as error:
         print(f"fairseq-kd-eval-kws-sv: {error}", file=sys.stderr)
         return 2
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     results = evaluate(model, task, args.split, args.max_tokens, device)
     results.update(
-        checkpoint=os.path.abspath(args.checkpoint),
+        checkpoint=os.path.abspath(checkpoint),
         data=os.path.abspath(args.data),
         split=args.split,
         encoder=cfg.model.w2v_args.model._name,
@@ -154,11 +173,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name, mix in (("kws", model.kws_mix), ("sv", model.sv_mix)):
         if mix is not None:
             results[f"{name}_layer_weights"] = mix.layer_weights() or f"layer {mix.layer}"
-    stem = f"{os.path.splitext(os.path.basename(args.checkpoint))[0]}.{args.split}"
-    out_dir = args.results_path or os.path.dirname(os.path.abspath(args.checkpoint))
-    written = write_results(results, out_dir, stem)
+    written = write_results(results, os.path.dirname(stem), os.path.basename(stem))
     shown = {k: v for k, v in results.items() if k in ("kws_accuracy", "eer", "min_dcf", "trials", "kws_utterances")}
-    print(f"{args.split}: " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
+    print(f"{checkpoint} ({args.split}): " + ", ".join(f"{k} {v:.4g}" for k, v in shown.items()))
     print("wrote " + ", ".join(written))
     return 0
 
