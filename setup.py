@@ -168,6 +168,7 @@ setup(
         "console_scripts": [
             "fairseq-kd-infer = fairseq_kd.cli.infer:main",
             "fairseq-kd-summary = fairseq_kd.cli.summary:main",
+            "fairseq-kd-benchmark = fairseq_kd.cli.benchmark:main",
             "fairseq-kd-score = fairseq_kd.cli.score:main",
             "fairseq-kd-prepare-asr = fairseq_kd.data.prepare_asr:main",
             "fairseq-kd-lexicon = fairseq_kd.data.lexicon:main",
