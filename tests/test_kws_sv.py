@@ -31,7 +31,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import CPU, MANIFESTS, console_script, json_logs
-from fairseq_checkpoints import make_hubert_checkpoint
+from fairseq_checkpoints import make_hubert_checkpoint, make_wav2vec2_checkpoint
 
 KEYWORDS = MANIFESTS / "keywords"
 TINY_CONV = "[(32,10,5)] + [(32,3,2)] * 4 + [(32,2,2)] * 2"
@@ -164,8 +164,11 @@ def build(base: Dict[str, Any], edits: Dict[str, Any], splits=("valid",)):
     return task, model, criterion
 
 
-def test_padded_batch_gives_each_utterance_its_own_outputs(base_cfg, encoder_ckpt):
-    _, model, _ = build(base_cfg, {"model.w2v_path": str(encoder_ckpt)}, splits=())
+@pytest.mark.parametrize("kind", ["hubert", "wav2vec2"])
+def test_padded_batch_gives_each_utterance_its_own_outputs(base_cfg, encoder_ckpt, tmp_path, kind):
+    path = encoder_ckpt if kind == "hubert" else make_wav2vec2_checkpoint(tmp_path / "w2v.pt", conv_layers=TINY_CONV)
+    _, model, _ = build(base_cfg, {"model.w2v_path": str(path)}, splits=())
+    assert model.kind == kind and model.w2v_model.encoder.layerdrop == 0.0
     model.eval()
     torch.manual_seed(0)
     long, short = torch.randn(16000), torch.randn(11000)

@@ -49,6 +49,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.models import BaseFairseqModel, register_model
 from fairseq.modules import GradMultiply
 
+from fairseq_kd.data.kws_sv import launch_path
 from fairseq_kd.teacher import _masked_group_norm, conv_output_lengths, frames_padding_mask
 
 logger = logging.getLogger(__name__)
@@ -414,6 +415,8 @@ class KwsSvModel(BaseFairseqModel):
     def build_model(cls, cfg: KwsSvModelConfig, task):
         normalize = bool(task.cfg.normalize)
         if cfg.w2v_args is None:
+            with open_dict(cfg):
+                cfg.w2v_path = launch_path(cfg.w2v_path)
             state = read_encoder_checkpoint(cfg.w2v_path)
             w2v_args = state["cfg"]
             trained_normalize = bool(w2v_args.task.get("normalize", w2v_args.model.get("normalize", False)))
