@@ -158,7 +158,9 @@ setup(
         "tqdm",
     ],
     extras_require={
-        "test": ["pytest"],
+        # + flashlight-text (the "lm" extra, a ~5 s wheel): tests/test_lm_decoding.py runs decode_kenlm's
+        # beam search through fairseq's own KenLMDecoder
+        "test": ["pytest", "flashlight-text"],
         # decode_kenlm (infer.py's KenLM lexicon beam search): flashlight's Python decoder, a wheel
         # that bundles KenLM; the kenlm module (an sdist, ~4 min to compile) is only for querying
         # or checking LMs from Python and is not needed by the decoder itself

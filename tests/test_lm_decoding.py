@@ -5,14 +5,20 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import math
 import sys
+from collections import Counter
 
 import pytest
+import torch
+from fairseq.data import Dictionary
+from omegaconf import OmegaConf
 
 from fairseq_kd.cli import infer
 from fairseq_kd.data.lexicon import main
 
-MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
+REPO = Path(__file__).resolve().parents[1]
+MANIFESTS = REPO / "manifests"
 
 
 def read_lexicon(path: Path) -> dict[str, str]:
@@ -97,3 +103,61 @@ def test_kenlm_decoding_without_flashlight_says_what_to_install(monkeypatch: pyt
     monkeypatch.setattr(sys, "argv", ["fairseq-kd-infer", "--config-name", "decode_kenlm", "common.cpu=true"])
     with pytest.raises(SystemExit, match="pip install flashlight-text"):
         infer.main()
+
+
+# -- decode_kenlm's beam search on a misspelled emission ------------------------------------------
+def unigram_arpa(path: Path, words: Path) -> None:
+    """Word-count unigram probabilities as an order-2 ARPA file with no bigrams (KenLM refuses
+    order 1; its lmplz is a C++ build that CI does not have)."""
+    lines = words.read_text().splitlines()
+    counts = Counter(w for line in lines for w in line.split())
+    counts["</s>"] = len(lines)
+    total = sum(counts.values()) + 1  # + 1 for <unk>
+    probs = {"<unk>": 1 / total, **{w: c / total for w, c in counts.items()}}
+    unigrams = [f"{math.log10(p):.6f}\t{w}\t0" for w, p in probs.items()] + ["-99\t<s>\t0"]
+    header = f"\\data\\\nngram 1={len(unigrams)}\nngram 2=0\n\n\\1-grams:\n"
+    path.write_text(header + "\n".join(unigrams) + "\n\n\\2-grams:\n\n\\end\\\n")
+
+
+def letter_emissions(text: str, tgt_dict: Dictionary, confusions: dict[int, str]) -> torch.Tensor:
+    """CTC log-probabilities (1, T, V) spelling ``text``: each unit for one frame, then a blank frame.
+
+    At unit position ``i`` in ``confusions`` the given wrong letter wins (0.5) over the right one (0.4).
+    """
+    units = list(" ".join(text.split()).replace(" ", "|")) + ["|"]
+    probs = torch.full((2 * len(units), len(tgt_dict)), 1e-4)
+    for i, unit in enumerate(units):
+        probs[2 * i, tgt_dict.index(unit)] = 0.4 if i in confusions else 0.9
+        if i in confusions:
+            probs[2 * i, tgt_dict.index(confusions[i])] = 0.5
+        probs[2 * i + 1, tgt_dict.bos()] = 0.9  # fairseq's CTC blank is <s>
+    return (probs / probs.sum(-1, keepdim=True)).log().unsqueeze(0).contiguous()
+
+
+def test_decode_kenlm_settings_correct_a_misspelling_that_viterbi_keeps(tmp_path: Path) -> None:
+    """fairseq's own KenLMDecoder with decode_kenlm.yaml's decoding section, our lexicon, a word LM."""
+    infer.alias_fairseq_examples()
+    from examples.speech_recognition.new.decoders.decoder import Decoder
+    from examples.speech_recognition.new.infer import DecodingConfig
+
+    lexicon, arpa = tmp_path / "lexicon.txt", tmp_path / "lm.arpa"
+    words = MANIFESTS / "train.wrd"
+    assert main(["--dict", str(MANIFESTS / "dict.ltr.txt"), "--out", str(lexicon), str(words)]) == 0
+    unigram_arpa(arpa, words)
+    recipe = OmegaConf.load(REPO / "fairseq_kd" / "config" / "decode_kenlm.yaml").decoding
+    cfg = OmegaConf.merge(  # infer.py's decoding group, as hydra composes it for decode_kenlm
+        OmegaConf.structured(DecodingConfig),
+        recipe,
+        {"lmpath": str(arpa), "lexicon": str(lexicon), "results_path": str(tmp_path)},
+    )
+    tgt_dict = Dictionary.load(str(MANIFESTS / "dict.ltr.txt"))
+    # "JOLLY RADIO" with the D of RADIO heard as a T: "RATIO" is not a word of the training set
+    emissions = letter_emissions("JOLLY RADIO", tgt_dict, confusions={8: "T"})
+
+    def words_of(decoder) -> str:
+        tokens = decoder.decode(emissions)[0][0]["tokens"]
+        return tgt_dict.string(tokens).replace(" ", "").replace("|", " ").strip()
+
+    assert "RATIO" not in lexicon.read_text().split()
+    assert words_of(Decoder(OmegaConf.create({"type": "viterbi"}), tgt_dict)) == "JOLLY RATIO"
+    assert words_of(Decoder(cfg, tgt_dict)) == "JOLLY RADIO"

@@ -21,12 +21,15 @@ from types import ModuleType
 
 def alias_fairseq_examples() -> ModuleType:
     """Make ``import examples...`` resolve to fairseq's bundled examples tree."""
-    if "examples" in sys.modules:
-        return sys.modules["examples"]
     spec = importlib.util.find_spec("fairseq")
     if spec is None or not spec.submodule_search_locations:
         raise ImportError("fairseq is not installed; see the README's install step")
     examples_dir = os.path.join(list(spec.submodule_search_locations)[0], "examples")
+    loaded = sys.modules.get("examples")
+    # fairseq's own `import examples.simultaneous_translation` attempt can leave another folder
+    # named examples (this repository's, when it is on sys.path) in sys.modules: replace that one
+    if loaded is not None and examples_dir in list(getattr(loaded, "__path__", [])):
+        return loaded
     init = os.path.join(examples_dir, "__init__.py")
     if not os.path.isfile(init):
         raise ImportError(f"fairseq's examples tree is missing ({init}); reinstall fairseq==0.12.2")
