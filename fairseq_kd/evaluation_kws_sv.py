@@ -18,16 +18,14 @@ prints and writes).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from sklearn.metrics import roc_curve
 
-from fairseq_kd.data.kws_sv import NO_LABEL, Trial, trial_counts
+from fairseq_kd.data.kws_sv import Trial
 
 logger = logging.getLogger(__name__)
 
@@ -170,13 +168,7 @@ def keyword_metrics(outputs: SplitOutputs, keywords: Sequence[str]) -> Dict[str,
     return result
 
 
-def describe(trials: Sequence[Trial]) -> str:
-    target, nontarget = trial_counts(trials)
-    return f"{len(trials)} trials ({target} target, {nontarget} non-target)"
-
-
 __all__ = [
-    "NO_LABEL",
     "cosine_scores",
     "eer_min_dcf",
     "score_trials",

@@ -17,12 +17,10 @@ import copy
 import json
 import math
 import os
-import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 import pytest
@@ -218,6 +216,20 @@ def test_which_encoder_parts_train(base_cfg, encoder_ckpt):
     model.set_num_updates(5)
     grads = _one_step(task, model, criterion)
     assert all(g for n, g in grads.items() if n.startswith(("feature_extractor.", "encoder.layers.")))
+
+
+def test_time_masks_apply_in_training_only(base_cfg, encoder_ckpt):
+    _, model, _ = build(base_cfg, {"model.w2v_path": str(encoder_ckpt), "model.apply_mask": True,
+                                   "model.mask_prob": 0.3, "model.mask_length": 5}, splits=())
+    source = torch.randn(2, 16000)
+    model.eval()
+    with torch.no_grad():
+        clean = model.hidden_states(source)[0][0]
+        model.train()
+        masked = model.hidden_states(source)[0][0]
+    replaced = (masked - clean).abs().sum(-1) > 0  # frames set to HuBERT's mask embedding
+    assert 0 < replaced.float().mean() < 1
+    assert torch.allclose(masked[replaced], model.w2v_model.mask_emb.expand(int(replaced.sum()), -1))
 
 
 def test_single_task_models_have_one_head(base_cfg, encoder_ckpt):

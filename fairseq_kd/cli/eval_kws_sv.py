@@ -31,7 +31,6 @@ import os
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-import numpy as np
 import torch
 
 logger = logging.getLogger("fairseq_kd.eval_kws_sv")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import os
 import random
-from collections import Counter
 from dataclasses import dataclass
 from itertools import combinations
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
@@ -250,11 +249,6 @@ def build_trials(paths: Sequence[str], speakers: Sequence[str], max_trials: int,
         if sa != sb:
             trials.add((0, *sorted((pa, pb))))
     return [Trial(t, a, b, 0) for t, a, b in sorted(trials)]
-
-
-def trial_counts(trials: Sequence[Trial]) -> Tuple[int, int]:
-    counts = Counter(t.target for t in trials)
-    return counts[1], counts[0]
 
 
 # -- a whole layout ------------------------------------------------------------------------------

@@ -59,9 +59,8 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
-import numpy as np
 import soundfile as sf
 
 from fairseq_kd.data.kws_sv import NO_LABEL, KwsSvDataError, check_layout, read_trials
