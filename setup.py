@@ -158,19 +158,25 @@ setup(
         "tqdm",
     ],
     extras_require={
+        # + the "export" extra: tests/test_export.py checks ONNX parity with onnxruntime; wheels
+        # only, ~7 s and ~120 MB to install (the env is ~1.1 GB), no torch requirement
         # + flashlight-text (the "lm" extra, a ~5 s wheel): tests/test_lm_decoding.py runs decode_kenlm's
         # beam search through fairseq's own KenLMDecoder
-        "test": ["pytest", "flashlight-text"],
+        "test": ["pytest", "flashlight-text", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
         # decode_kenlm (infer.py's KenLM lexicon beam search): flashlight's Python decoder, a wheel
         # that bundles KenLM; the kenlm module (an sdist, ~4 min to compile) is only for querying
         # or checking LMs from Python and is not needed by the decoder itself
         "lm": ["flashlight-text"],
+        # fairseq-kd-export --onnx: torch's dynamo ONNX exporter needs onnx + onnxscript, the parity
+        # and latency checks run onnxruntime (CPU)
+        "export": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
     },
     entry_points={
         "console_scripts": [
             "fairseq-kd-infer = fairseq_kd.cli.infer:main",
             "fairseq-kd-summary = fairseq_kd.cli.summary:main",
             "fairseq-kd-benchmark = fairseq_kd.cli.benchmark:main",
+            "fairseq-kd-export = fairseq_kd.cli.export:main",
             "fairseq-kd-score = fairseq_kd.cli.score:main",
             "fairseq-kd-prepare-asr = fairseq_kd.data.prepare_asr:main",
             "fairseq-kd-lexicon = fairseq_kd.data.lexicon:main",

@@ -1,0 +1,174 @@
+"""``fairseq-kd-export``: a distilled (or fine-tuned) student as a file that runs with torch alone.
+
+    fairseq-kd-export checkpoint_best.pt student.pt2                 # torch.export program + metadata
+    fairseq-kd-export checkpoint_best.pt student.pt2 --check         # reload it and compare again
+    fairseq-kd-export checkpoint_best.pt student.pt2 --onnx student.onnx --check --benchmark
+    fairseq-kd-export --s3prl-upstream <s3prl>/s3prl/upstream/fairseq_kd_student
+
+CHECKPOINT is a distillation checkpoint (``thin_hubert``) or a ``hubert_ctc`` / ``wav2vec_ctc``
+checkpoint fine-tuned from one; the file holds the encoder without distillation heads or CTC layer.
+Every export is compared with the original model (a padded batch with a 0.05 s row, 0.05 s alone)
+before it is written, and the ONNX model with the PyTorch program under onnxruntime; ``--check``
+also loads the written .pt2 back and compares it with the model on more shapes; ``--benchmark``
+prints the median CPU latency of the eager model, the torch.export program and onnxruntime on the
+same batch. Existing files are not overwritten without ``--force``.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from typing import List, Optional
+
+S3PRL_HUB_LINE = "from s3prl.upstream.{name}.hubconf import *"
+
+
+class CliError(ValueError):
+    pass
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fairseq-kd-export",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("checkpoint", nargs="?", help="distillation or fine-tuned CTC checkpoint (.pt)")
+    p.add_argument("output", nargs="?", help="standalone student file to write (.pt2)")
+    p.add_argument("--onnx", default=None, metavar="FILE", help="also write an ONNX model here")
+    p.add_argument("--check", action="store_true",
+                   help="load the written file(s) back and compare with the model on more input shapes")
+    p.add_argument("--benchmark", action="store_true", help="CPU latency: eager vs torch.export vs onnxruntime (needs --onnx)")
+    p.add_argument("--seconds", type=float, default=10.0, help="utterance length of the benchmark")
+    p.add_argument("--batch", type=int, default=1, help="utterances per benchmark batch")
+    p.add_argument("--repeats", type=int, default=10, help="timed benchmark rounds (median reported)")
+    p.add_argument("--threads", type=int, default=1, help="CPU threads for both PyTorch and onnxruntime in the benchmark")
+    p.add_argument("--s3prl-upstream", default=None, metavar="DIR",
+                   help="copy the s3prl upstream (torch-only) to DIR, e.g. <s3prl>/s3prl/upstream/fairseq_kd_student")
+    p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    return p
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Refuse before any work: missing arguments, clobbering, an output equal to the input."""
+    if args.checkpoint is None and args.s3prl_upstream is None:
+        raise CliError("give CHECKPOINT and OUTPUT (or --s3prl-upstream DIR)")
+    if args.checkpoint is not None and args.output is None:
+        raise CliError("give the OUTPUT file to write, e.g. student.pt2")
+    if args.benchmark and not args.onnx:
+        raise CliError("--benchmark compares onnxruntime with PyTorch: add --onnx FILE")
+    outputs = [p for p in (args.output, args.onnx) if p]
+    for path in outputs:
+        if os.path.isdir(path):
+            raise CliError(f"{path} is a directory; give a file name")
+        if args.checkpoint and os.path.abspath(path) == os.path.abspath(args.checkpoint):
+            raise CliError(f"{path} is the input checkpoint; write the export to another file")
+        if os.path.exists(path) and not args.force:
+            raise CliError(f"{path} exists; add --force to overwrite it")
+    if len(set(map(os.path.abspath, outputs))) != len(outputs):
+        raise CliError("OUTPUT and --onnx name the same file")
+    if args.s3prl_upstream and os.path.exists(args.s3prl_upstream) and not args.force:
+        raise CliError(f"{args.s3prl_upstream} exists; add --force to replace it")
+
+
+def copy_s3prl_upstream(dest: str) -> str:
+    """Copy fairseq_kd/s3prl_upstream (torch-only files) to ``dest``; returns the hub.py line to add."""
+    import fairseq_kd.s3prl_upstream as upstream
+
+    source = os.path.dirname(upstream.__file__)
+    if os.path.exists(dest):
+        shutil.rmtree(dest)
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return S3PRL_HUB_LINE.format(name=os.path.basename(os.path.normpath(dest)))
+
+
+def check_batches():
+    """Inputs of ``--check``: mixed lengths with a 0.05 s row, a batch of one, 0.05 s alone, no padding."""
+    import torch
+
+    gen = torch.Generator().manual_seed(7)
+    return [
+        (torch.randn(3, 24000, generator=gen), torch.tensor([24000, 9001, 800])),
+        (torch.randn(1, 16000, generator=gen), torch.tensor([16000])),
+        (torch.randn(1, 800, generator=gen), torch.tensor([800])),
+        (torch.randn(2, 20000, generator=gen), torch.tensor([20000, 20000])),
+    ]
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.s3prl_upstream:
+        line = copy_s3prl_upstream(args.s3prl_upstream)
+        print(f"s3prl upstream copied to {args.s3prl_upstream}")
+        print(f"register it: add this line to s3prl/hub.py:\n    {line}")
+        if args.checkpoint is None:
+            return 0
+
+    from fairseq_kd.export.checkpoints import load_student
+    from fairseq_kd.export.standalone import export_standalone, parity
+
+    loaded = load_student(args.checkpoint)  # every input error is raised before any export work
+    program, meta, diff = export_standalone(loaded, args.output)
+    print(
+        f"wrote {args.output}: {meta['num_hidden_states']} hidden states (CNN/projection + "
+        f"{meta['num_layers']} layers) x {meta['hidden_size']}, {meta['downsample_rate']} samples per "
+        f"frame ({meta['rate_policy']}), normalize={str(meta['normalize']).lower()}, "
+        f"{meta['parameters']:,} parameters, from a {meta['source_kind']} checkpoint"
+    )
+    print(f"export check: max abs diff vs the model {diff:.3g}")
+    result = {"standalone": args.output, "export_max_abs_diff": diff}
+
+    if args.check:
+        import torch
+
+        reloaded = torch.export.load(args.output).module()
+        reloaded_diff = max(parity(loaded.model, reloaded, w, l) for w, l in check_batches())
+        print(f"check: reloaded {args.output}, max abs diff vs the model {reloaded_diff:.3g} "
+              f"(mixed lengths, 0.05 s, batch of one)")
+        result["reloaded_max_abs_diff"] = reloaded_diff
+
+    if args.onnx:
+        from fairseq_kd.export.onnx_export import export_onnx, latency_comparison, onnx_session
+
+        onnx_diff = export_onnx(program, meta, args.onnx, check_batches())
+        print(f"wrote {args.onnx}: onnxruntime vs PyTorch max abs diff {onnx_diff:.3g} (mixed lengths, "
+              f"0.05 s, batch of one)")
+        result["onnx_max_abs_diff"] = onnx_diff
+        if args.benchmark:
+            session = onnx_session(args.onnx, threads=args.threads)
+            figures = latency_comparison(
+                loaded.model, program.module(), session, seconds=args.seconds, batch_size=args.batch,
+                repeats=args.repeats, threads=args.threads, sample_rate=meta["sample_rate"],
+            )
+            print(
+                f"benchmark ({figures['batch_size']} x {figures['audio_seconds']:g} s, {figures['threads']} "
+                f"thread(s), median of {figures['repeats']}): eager {figures['pytorch_eager_s'] * 1e3:.1f} ms, "
+                f"torch.export {figures['torch_export_s'] * 1e3:.1f} ms, onnxruntime "
+                f"{figures['onnxruntime_s'] * 1e3:.1f} ms; onnxruntime / eager = "
+                f"{figures['onnxruntime_vs_eager']:.2f}, onnxruntime / torch.export = "
+                f"{figures['onnxruntime_vs_torch_export']:.2f}"
+            )
+            result["benchmark"] = figures
+    print("result: " + json.dumps(result))
+    return 0
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_outputs(args)
+        return run(args)
+    except (CliError, ImportError) as error:
+        print(f"fairseq-kd-export: error: {error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        from fairseq_kd.export.checkpoints import ExportInputError
+
+        if not isinstance(error, ExportInputError):
+            raise
+        print(f"fairseq-kd-export: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

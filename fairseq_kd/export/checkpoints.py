@@ -1,0 +1,227 @@
+# Copyright (c) fairseq_kd contributors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""Read the student out of a distillation or fine-tuned CTC checkpoint, or say why it cannot.
+
+Accepted (``cfg.model._name`` of the fairseq checkpoint):
+
+- ``thin_hubert`` / ``thin_hubert_w2v``: a distillation checkpoint (``fairseq-hydra-train
+  --config-name thin_deep|distilhubert|...``); the distillation heads are dropped.
+- ``hubert_ctc`` / ``wav2vec_ctc`` whose ``w2v_args`` hold a ``thin_hubert`` student (written by
+  ``kd_audio_finetuning``): the fine-tuned encoder ``w2v_encoder.w2v_model.*``, without the CTC
+  output layer.
+
+Everything else stops with a message naming the file and what to pass instead: a teacher (fairseq
+``hubert`` / ``wav2vec2`` / ``data2vec_audio``, or a CTC model fine-tuned from one), an unknown
+model, a config the weights do not match, a missing, truncated or non-fairseq file.
+"""
+
+import os
+import pickle
+import zipfile
+from dataclasses import dataclass, fields
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+
+from fairseq_kd.models.thin_hubert import ThinHubertConfig, ThinHubertModel, check_config
+from fairseq_kd.tasks.kd_finetuning import LEGACY_TORCH_MAGIC, ZIP_MAGIC
+
+STUDENT_MODELS = ("thin_hubert", "thin_hubert_w2v")
+CTC_MODELS = ("hubert_ctc", "wav2vec_ctc")
+TEACHER_MODELS = ("hubert", "wav2vec2", "data2vec_audio")
+CTC_ENCODER_PREFIX = "w2v_encoder.w2v_model."  # HubertEncoder and Wav2VecEncoder both name it so
+EXPORT_HELP = (
+    "pass a distillation checkpoint (checkpoint_best.pt / checkpoint_last.pt written by "
+    "fairseq-hydra-train --config-name thin_deep|distilhubert|...) or a CTC model fine-tuned from "
+    "one (fairseq-hydra-train --config-name finetune_base_*)"
+)
+
+
+class ExportInputError(ValueError):
+    """A file that cannot be exported as a student, with what to pass instead."""
+
+
+@dataclass
+class LoadedStudent:
+    model: ThinHubertModel  # eval mode, distillation heads removed
+    path: str
+    source: str  # "distillation", "hubert_ctc" or "wav2vec_ctc"
+    normalize: bool
+    sample_rate: int
+    model_cfg: Dict[str, Any]  # the thin_hubert fields the model was built from
+
+
+def read_fairseq_checkpoint(path: str) -> Dict[str, Any]:
+    """fairseq's own loader (legacy ``args`` upgraded to ``cfg``), with errors that name the file."""
+    from fairseq import checkpoint_utils
+
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ExportInputError(f"{path} does not exist: {EXPORT_HELP}")
+    if not os.path.isfile(path):
+        raise ExportInputError(f"{path} is not a file: give the checkpoint file itself ({EXPORT_HELP})")
+    with open(path, "rb") as f:
+        head = f.read(len(LEGACY_TORCH_MAGIC))
+    if not (head.startswith(ZIP_MAGIC) or head == LEGACY_TORCH_MAGIC):
+        hint = ""
+        if head.startswith(b"\x08") or path.endswith(".onnx"):
+            hint = " (an ONNX model? export from the fairseq checkpoint instead)"
+        raise ExportInputError(
+            f"{path} is not a PyTorch checkpoint (it starts with {head[:8]!r}){hint}: {EXPORT_HELP}"
+        )
+    if head.startswith(ZIP_MAGIC) and _is_standalone_archive(path):
+        raise ExportInputError(
+            f"{path} is already a standalone student written by fairseq-kd-export (load it with "
+            f"fairseq_kd/s3prl_upstream/runtime.py); to export again, {EXPORT_HELP}"
+        )
+    try:
+        state = checkpoint_utils.load_checkpoint_to_cpu(path)
+    except pickle.UnpicklingError as error:  # includes the compat layer's refusal of unknown globals
+        raise ExportInputError(f"{path} cannot be unpickled: {str(error)[:300]}") from None
+    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
+        raise ExportInputError(
+            f"{path} cannot be read ({type(error).__name__}: {str(error)[:200]}); the file is corrupt "
+            f"or truncated: copy it again"
+        ) from None
+    except (KeyError, TypeError, AttributeError, ValueError) as error:
+        # fairseq's _upgrade_state_dict indexes the keys a fairseq training checkpoint has
+        raise ExportInputError(
+            f"{path} is a PyTorch file but not a fairseq training checkpoint (fairseq's loader failed "
+            f"with {type(error).__name__}: {str(error)[:200]}): {EXPORT_HELP}"
+        ) from None
+    cfg = state.get("cfg") if isinstance(state, dict) else None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), Mapping) or cfg is None or cfg.get("model") is None:
+        raise ExportInputError(
+            f"{path} is a PyTorch file but not a fairseq training checkpoint (no 'model' weights with "
+            f"a 'cfg'/'args' describing them): {EXPORT_HELP}"
+        )
+    return state
+
+
+def _is_standalone_archive(path: str) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("/extra/fairseq_kd.json") for name in archive.namelist())
+    except zipfile.BadZipFile:
+        return False
+
+
+def load_student(path: str) -> LoadedStudent:
+    """The student of a distillation or fine-tuned checkpoint, built and strictly loaded, in eval mode."""
+    path = os.fspath(path)
+    state = read_fairseq_checkpoint(path)
+    cfg = state["cfg"]
+    name = cfg.model.get("_name", None)
+    task_cfg = cfg.get("task") or {}
+
+    if name in STUDENT_MODELS:
+        source, student_cfg, weights = "distillation", cfg.model, dict(state["model"])
+        normalize = task_cfg.get("normalize", False)
+    elif name in CTC_MODELS:
+        w2v_args = cfg.model.get("w2v_args", None)
+        inner = w2v_args.get("model", None) if w2v_args is not None else None
+        inner_name = inner.get("_name", None) if inner is not None else None
+        if inner_name is None:
+            raise ExportInputError(
+                f"{path} is a {name} checkpoint without w2v_args (the pre-trained model's config), so "
+                f"it does not say which encoder it holds; fine-tune with task=kd_audio_finetuning (or "
+                f"audio_finetuning), which stores it: {EXPORT_HELP}"
+            )
+        if inner_name not in STUDENT_MODELS:
+            raise ExportInputError(
+                f"{path} is a {name} model fine-tuned from a {inner_name!r} model (e.g. a teacher), "
+                f"not from a distilled thin_hubert student; fairseq-kd-export writes students only: "
+                f"{EXPORT_HELP}"
+            )
+        source, student_cfg = name, inner
+        weights = {k[len(CTC_ENCODER_PREFIX):]: v for k, v in state["model"].items() if k.startswith(CTC_ENCODER_PREFIX)}
+        if not weights:
+            raise ExportInputError(
+                f"{path}: {name} checkpoint has no {CTC_ENCODER_PREFIX}* weights (found e.g. "
+                f"{sorted(state['model'])[:3]}): it was not written by fairseq's {name}"
+            )
+        # kd_audio_finetuning checks that fine-tuning normalises as the student was trained
+        normalize = task_cfg.get("normalize", (w2v_args.get("task") or {}).get("normalize", False))
+    elif name in TEACHER_MODELS:
+        raise ExportInputError(
+            f"{path} holds a fairseq {name!r} model: a teacher (or another pre-trained model), not a "
+            f"distilled student. Distil it first (fairseq-hydra-train --config-name thin_deep "
+            f"task.teacher_path={path} ...), then {EXPORT_HELP}"
+        )
+    else:
+        raise ExportInputError(f"{path} holds a {name!r} model, not a distilled student: {EXPORT_HELP}")
+
+    model_cfg = _student_config(student_cfg, path)
+    model = ThinHubertModel(model_cfg)
+    model.remove_pretraining_modules()
+    _load_weights(model, weights, path)
+    model.eval()
+    return LoadedStudent(
+        model=model,
+        path=path,
+        source=source,
+        normalize=bool(normalize),
+        sample_rate=int(task_cfg.get("sample_rate", 16000) or 16000),
+        model_cfg={f.name: getattr(model_cfg, f.name) for f in fields(model_cfg)},
+    )
+
+
+def _student_config(student_cfg: Mapping[str, Any], path: str) -> ThinHubertConfig:
+    known = {f.name for f in fields(ThinHubertConfig)}
+    plain = {k: _plain(v) for k, v in student_cfg.items() if k != "_name"}
+    unknown = sorted(set(plain) - known)
+    if unknown:
+        raise ExportInputError(
+            f"{path}: the student config has keys thin_hubert does not know: {unknown} (written by "
+            f"another version of fairseq_kd?); export it with the fairseq_kd version that trained it"
+        )
+    cfg = ThinHubertConfig(**plain)
+    try:
+        check_config(cfg)
+    except ValueError as error:
+        raise ExportInputError(
+            f"{path}: the student config is invalid: {error}; the checkpoint was edited: export the "
+            f"checkpoint_*.pt written by training, unchanged"
+        ) from None
+    return cfg
+
+
+def _plain(value: Any) -> Any:
+    # OmegaConf containers (the cfg of a loaded checkpoint) -> plain python
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, (DictConfig, ListConfig)):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf comes with fairseq
+        pass
+    return value
+
+
+def _load_weights(model: ThinHubertModel, weights: Dict[str, torch.Tensor], path: str) -> None:
+    # heads were set to None: their keys are ignorable under strict loading (thin_hubert.py)
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in weights)
+    unexpected = sorted(k for k in weights if k not in own and k.split(".", 1)[0] not in ("hint_heads", "pred_head"))
+    shapes = sorted(
+        f"{k}: checkpoint {tuple(weights[k].shape)} vs config {tuple(v.shape)}"
+        for k, v in own.items()
+        if k in weights and tuple(weights[k].shape) != tuple(v.shape)
+    )
+    if missing or unexpected or shapes:
+        problems = []
+        if shapes:
+            problems.append(f"{len(shapes)} shape mismatches, e.g. {shapes[:3]}")
+        if missing:
+            problems.append(f"{len(missing)} weights missing, e.g. {missing[:3]}")
+        if unexpected:
+            problems.append(f"{len(unexpected)} unexpected weights, e.g. {unexpected[:3]}")
+        raise ExportInputError(
+            f"{path}: the weights do not match the student config stored with them ("
+            + "; ".join(problems)
+            + "); the checkpoint was edited or mixes two runs: export the checkpoint_*.pt written by "
+            "training, unchanged"
+        )
+    model.load_state_dict(weights, strict=True)

@@ -1,0 +1,350 @@
+# Copyright (c) fairseq_kd contributors.
+#
+# This source code is licensed under the MIT license found in the
+# LICENSE file in the root directory of this source tree.
+"""Standalone student files: a ``torch.export`` program that runs with torch alone.
+
+The program is the student's inference path (CNN, projection, positional convolution, time
+reduction, transformer layers; no masking, no dropout, no distillation heads) traced by
+``torch.export`` with a dynamic batch size and a dynamic number of samples, and saved by
+``torch.export.save`` with a JSON description (sample rate, normalisation, downsample rate,
+layer count and width, the student config, the source checkpoint) as an extra file. Loading it
+needs neither fairseq, hydra, omegaconf nor this package: see ``fairseq_kd/s3prl_upstream/runtime.py``.
+
+Signature: ``(wavs (B, S) float32, lengths (B,) int64) -> (hidden_states (L + 1, B, T, D),
+frame_lengths (B,) int64)``. Rows are right-padded; ``lengths`` are the valid samples of each row
+(at least one CNN receptive field, 400 samples with HuBERT's CNN). A padded row gives the same
+frames as the row would alone, except through the group-norm CNN of ``extractor_mode=default``
+(HuBERT Base's), which normalises over the padded samples too, exactly as the original model
+does when given the same padded batch. Frames beyond ``frame_lengths`` are zero.
+
+Rate policy for time-reduced students (``time_reduction_factor`` r > 1): **every hidden state is
+returned at the CNN rate** (320 samples per frame with HuBERT's CNN): a layer after the reduction
+is up-sampled with ``repeat_interleave(r)`` (each reduced frame repeated r times, no new values)
+and cut to the CNN length, and ``downsample_rate`` reports the CNN stride. Why not the honest
+alternative of declaring 640 and returning only the reduced layers:
+
+- SUPERB's weighted sum is over *all* hidden states, and the CNN/projection output (layer 0) and
+  any layers before ``time_reduction_layer`` only exist at the CNN rate; dropping or pooling them
+  would change what the featurizer can learn from. Up-sampling keeps every layer, unchanged.
+- It is s3prl's own precedent for mixed-rate models (``multires_hubert`` repeats lower-rate
+  layers and reports 320), and the rate FitHuBERT's published SUPERB numbers were run at.
+- Downstream recipes are tuned for 20 ms frames (CTC for PR/ASR needs enough frames per
+  label: 25 Hz is short for fast speech; SD's frame labels), so results stay comparable with
+  the HuBERT-family rows of the leaderboard.
+
+The cost is downstream compute on repeated frames; the values at the reduced rate are recovered
+exactly as ``hidden_states[l][:, ::r]``. ``native_downsample_rates`` in the metadata records each
+layer's own rate.
+"""
+
+import datetime
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import types
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from fairseq_kd.export.checkpoints import LoadedStudent
+from fairseq_kd.models.thin_hubert import ThinHubertModel
+from fairseq_kd.s3prl_upstream.runtime import FORMAT, FORMAT_VERSION, META_NAME
+
+logger = logging.getLogger(__name__)
+
+PARITY_TOLERANCE = 1e-4  # max abs difference accepted between the program and the model (fp32)
+
+
+class SdpaSelfAttention(nn.Module):
+    """fairseq's ``MultiheadAttention`` (self-attention, no bias_k/v, no zero attention) as one
+    ``scaled_dot_product_attention`` call, sharing its projection modules.
+
+    torch's ``multi_head_attention_forward``, which fairseq calls, makes torch.export
+    specialise on a batch of one and on single-frame sequences; this computes the same function
+    (the parity check at export time holds the two to 1e-4).
+    """
+
+    def __init__(self, attention: nn.Module) -> None:
+        super().__init__()
+        self.q_proj, self.k_proj = attention.q_proj, attention.k_proj
+        self.v_proj, self.out_proj = attention.v_proj, attention.out_proj
+        self.num_heads = attention.num_heads
+        self.head_dim = attention.head_dim
+
+    @staticmethod
+    def replaceable(attention: nn.Module) -> bool:
+        from fairseq.modules import MultiheadAttention
+
+        return (
+            type(attention) is MultiheadAttention
+            and attention.self_attention
+            and attention.bias_k is None
+            and not attention.add_zero_attn
+        )
+
+    def forward(self, query, key=None, value=None, key_padding_mask=None, need_weights=False,
+                attn_mask=None, **kwargs):
+        # query: (T, B, C); key_padding_mask: (B, T), True = pad
+        if attn_mask is not None:
+            raise ValueError("SdpaSelfAttention: attn_mask is not supported (the student uses none)")
+        tsz, bsz, dim = query.shape
+        # (B, T, C) copied to a contiguous layout whatever the layer passed (a transposed view
+        # after post-LN, a fresh tensor after pre-LN): a Linear on a non-contiguous input makes
+        # torch.export specialise on B != 1
+        x = query.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+
+        def split_heads(y: torch.Tensor) -> torch.Tensor:
+            # (B, T, C) -> (B, H, T, head_dim)
+            return y.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+        q, k, v = (split_heads(proj(x)) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        allowed = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed)
+        # (B, H, T, head_dim) -> (B, T, C) -> (T, B, C) as fairseq returns it
+        out = self.out_proj(out.transpose(1, 2).flatten(2))
+        return out.transpose(0, 1), None
+
+
+def reduce_time_right_padded(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor]):
+    """``ThinTransformerEncoder.reduce_time`` for right-padded masks, without reshaping the mask.
+
+    Same function (thin_hubert.py): a reduced frame is padding iff all its source frames are, so
+    a row with ``n`` valid frames keeps ``ceil(n / r)``. Computing that from the lengths avoids
+    the ``view(B, -1, r)`` whose divisibility torch.export cannot always prove symbolically.
+    """
+    r = self.time_reduction_factor
+    if padding_mask is not None:
+        x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
+    x = F.pad(x, (0, 0, 0, (-x.size(1)) % r))
+    x = self.time_reduction(x.transpose(1, 2)).transpose(1, 2)
+    if padding_mask is not None:
+        valid = (~padding_mask).sum(-1)
+        kept = torch.div(valid + (r - 1), r, rounding_mode="floor")
+        padding_mask = torch.arange(x.size(1), device=x.device).unsqueeze(0) >= kept.unsqueeze(1)
+    return x, padding_mask
+
+
+class StudentEncoder(nn.Module):
+    """The student's inference path with the standalone signature (see the module docstring).
+
+    Built on a copy of the student (rebuilt from its config and weights: a weight-normed module
+    cannot be deep-copied), prepared for tracing without changing its function:
+    weight norm of the positional convolution folded into a plain weight (torch.export would
+    see an attribute assigned by a hook), ``required_seq_len_multiple`` set to 1 (its padding
+    is masked and cut off again, so it never changes the outputs), fairseq's attention computed
+    by :class:`SdpaSelfAttention`, the time reduction by :func:`reduce_time_right_padded`.
+    """
+
+    def __init__(self, student: ThinHubertModel) -> None:
+        super().__init__()
+        model = type(student)(student.cfg)
+        model.remove_pretraining_modules()
+        model.load_state_dict(student.state_dict(), strict=True)  # head keys are ignorable
+        model.eval()
+        pos_conv = model.encoder.pos_conv[0]
+        if hasattr(pos_conv, "weight_g"):
+            torch.nn.utils.remove_weight_norm(pos_conv)
+        elif hasattr(pos_conv, "parametrizations"):
+            torch.nn.utils.parametrize.remove_parametrizations(pos_conv, "weight")
+        model.encoder.required_seq_len_multiple = 1
+        if model.encoder.time_reduction is not None:  # our masks are right-padded (from lengths)
+            model.encoder.reduce_time = types.MethodType(reduce_time_right_padded, model.encoder)
+        for layer in model.encoder.layers:
+            if SdpaSelfAttention.replaceable(getattr(layer, "self_attn", None)):
+                layer.self_attn = SdpaSelfAttention(layer.self_attn)
+        self.model = model
+        self.factor = int(model.cfg.time_reduction_factor)
+        self.reduced = [model.is_time_reduced(l) for l in range(len(model.encoder.layers) + 1)]
+        # spare all-padding frames after the CNN output: every layer keeps >= 2 frames, so the
+        # traced graph never meets a length-1 sequence (which torch.export would specialise)
+        self.spare_frames = self.factor
+
+    def forward(self, wavs: torch.Tensor, lengths: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        model = self.model
+        # wavs: (B, S), lengths: (B,) valid samples
+        features = model.feature_extractor(wavs).transpose(1, 2)
+        features = model.layer_norm(features)
+        # features: (B, T, C); frame_lengths: (B,) valid CNN frames (wav2vec2's exact rule)
+        frame_lengths = model.get_feat_extract_output_lengths(lengths)
+        num_frames = features.size(1)
+        if model.post_extract_proj is not None:
+            features = model.post_extract_proj(features)
+        # x: (B, T + spare, D); padding_mask: (B, T + spare), True = pad
+        x = F.pad(features, (0, 0, 0, self.spare_frames))
+        frames = torch.arange(x.size(1), device=x.device)
+        padding_mask = frames.unsqueeze(0) >= frame_lengths.unsqueeze(1)
+        layers, _ = model.encoder(x, padding_mask)
+        outputs = []
+        for layer_id, hidden in enumerate([x] + layers):
+            if self.reduced[layer_id]:
+                hidden = hidden.repeat_interleave(self.factor, dim=1)
+            outputs.append(hidden[:, :num_frames])
+        # hidden_states: (L + 1, B, T, D), zero beyond each row's frames
+        hidden_states = torch.stack(outputs)
+        hidden_states = hidden_states.masked_fill(padding_mask[:, :num_frames].unsqueeze(-1), 0.0)
+        return hidden_states, frame_lengths
+
+
+def min_samples(model: ThinHubertModel) -> int:
+    """The fewest samples that give one CNN frame (the CNN's receptive field: 400 for HuBERT's)."""
+    receptive, jump = 1, 1
+    for kernel, stride in model.conv_kernels_strides:
+        receptive += (kernel - 1) * jump
+        jump *= stride
+    return receptive
+
+
+def reference_hidden_states(model: ThinHubertModel, wavs: torch.Tensor, lengths: torch.Tensor) -> List[torch.Tensor]:
+    """The original model's hidden states (each at its own rate) for a right-padded batch.
+
+    Runs ``model.encode`` as fairseq's fine-tuning code does: with a sample-level padding mask
+    when rows are padded, without one otherwise.
+    """
+    padded = bool((lengths < wavs.size(1)).any())
+    padding_mask = None
+    if padded:
+        padding_mask = torch.arange(wavs.size(1)).unsqueeze(0) >= lengths.unsqueeze(1)
+    with torch.no_grad():
+        return model.encode(wavs, padding_mask=padding_mask)["hidden_states"]
+
+
+def parity(model: ThinHubertModel, program: Any, wavs: torch.Tensor, lengths: torch.Tensor) -> float:
+    """Max abs difference over valid frames between ``program`` and the model, at each layer's own rate."""
+    with torch.no_grad():
+        hidden_states, frame_lengths = program(wavs, lengths)
+    reference = reference_hidden_states(model, wavs, lengths)
+    factor = int(model.cfg.time_reduction_factor)
+    worst = 0.0
+    for layer_id, expected in enumerate(reference):
+        got = hidden_states[layer_id]
+        step = factor if model.is_time_reduced(layer_id) else 1
+        for row, valid in enumerate(frame_lengths.tolist()):
+            n = -(-valid // step)  # reduced frames kept: ceil (thin_hubert.py)
+            diff = (got[row, :valid:step] - expected[row, :n]).abs().max().item()
+            worst = max(worst, diff)
+    return worst
+
+
+def export_program(student: ThinHubertModel, example_samples: int = 16000) -> Any:
+    """``torch.export`` the student with dynamic batch size and length (>= one CNN frame)."""
+    encoder = StudentEncoder(student).eval()
+    wavs = torch.randn(2, example_samples, generator=torch.Generator().manual_seed(0))
+    lengths = torch.tensor([example_samples, example_samples * 3 // 4])
+    dynamic = torch.export.Dim.DYNAMIC
+    dynamic_shapes = ({0: dynamic, 1: dynamic}, {0: dynamic})
+    # without this, torch.export assumes sizes are never 1 (its 0/1 specialisation) and the
+    # program would refuse a batch of one; the spare frames keep sequences >= 2 long anyway
+    import torch.fx.experimental._config as fx_config
+
+    with torch.no_grad(), fx_config.patch(backed_size_oblivious=True):
+        program = torch.export.export(encoder, (wavs, lengths), dynamic_shapes=dynamic_shapes, strict=False)
+    check_ranges(program, min_samples(student))
+    return program
+
+
+def check_ranges(program: Any, fewest_samples: int) -> None:
+    """The exported input ranges must admit a batch of one and one CNN frame."""
+    batch_sym, samples_sym = None, None
+    for node in program.graph.nodes:
+        if node.op == "placeholder" and node.name == "wavs":
+            shape = node.meta["val"].shape
+            batch_sym, samples_sym = shape[0], shape[1]
+    ranges = {str(k): v for k, v in program.range_constraints.items()}
+    for what, sym, needed in (("batch size", batch_sym, 1), ("samples", samples_sym, fewest_samples)):
+        if not isinstance(sym, torch.SymInt):
+            raise RuntimeError(f"torch.export made the {what} static ({sym}); the standalone file needs it dynamic")
+        low = ranges.get(str(sym.node.expr))
+        if low is not None and int(low.lower) > needed:
+            raise RuntimeError(
+                f"torch.export only admits {what} >= {low.lower} (needed >= {needed}); this torch "
+                f"version ({torch.__version__}) cannot export the student for all inputs"
+            )
+
+
+def metadata(loaded: LoadedStudent, program_device: str = "cpu") -> Dict[str, Any]:
+    model = loaded.model
+    strides = [s for _, s in model.conv_kernels_strides]
+    cnn_rate = int(np.prod(strides))
+    factor = int(model.cfg.time_reduction_factor)
+    num_layers = len(model.encoder.layers)
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "sample_rate": loaded.sample_rate,
+        "normalize": loaded.normalize,
+        "downsample_rate": cnn_rate,
+        "native_downsample_rates": [
+            cnn_rate * factor if model.is_time_reduced(l) else cnn_rate for l in range(num_layers + 1)
+        ],
+        "time_reduction_factor": factor,
+        "rate_policy": "upsampled" if factor > 1 else "native",
+        "num_hidden_states": num_layers + 1,
+        "num_layers": num_layers,
+        "hidden_size": int(model.cfg.encoder_embed_dim),
+        "min_samples": min_samples(model),
+        "inputs": {"wavs": "(B, S) float32", "lengths": "(B,) int64 valid samples"},
+        "outputs": {"hidden_states": "(L + 1, B, T, D)", "frame_lengths": "(B,) int64"},
+        "device": program_device,
+        "parameters": ThinHubertModel.count_parameters(model, include_heads=False),
+        "source_checkpoint": os.path.abspath(loaded.path),
+        "source_sha256": sha256(loaded.path),
+        "source_kind": loaded.source,
+        "student_config": loaded.model_cfg,
+        "torch_version": torch.__version__,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def save_program(program: Any, meta: Dict[str, Any], output: str) -> None:
+    """``torch.export.save`` through a temporary file in the same folder, then an atomic rename."""
+    folder = os.path.dirname(os.path.abspath(output))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=".fairseq_kd_export_", suffix=".pt2", dir=folder)
+    os.close(handle)
+    try:
+        torch.export.save(program, tmp, extra_files={META_NAME: json.dumps(meta, indent=1)})
+        os.replace(tmp, output)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def export_standalone(loaded: LoadedStudent, output: str) -> Tuple[Any, Dict[str, Any], float]:
+    """Export, check against the model on a padded batch, save. Returns (program, metadata, max diff)."""
+    program = export_program(loaded.model)
+    module, gen = program.module(), torch.Generator().manual_seed(1)
+    # a padded batch with a 0.05 s row, and 0.05 s alone (batch of one, 2 CNN frames)
+    batches = [(torch.randn(3, 12345, generator=gen), torch.tensor([12345, 7000, 800])),
+               (torch.randn(1, 800, generator=gen), torch.tensor([800]))]
+    diff = 0.0
+    for wavs, lengths in batches:
+        try:
+            diff = max(diff, parity(loaded.model, module, wavs, lengths))
+        except AssertionError as error:  # a shape guard torch.export added (see export_program)
+            raise RuntimeError(
+                f"the exported program rejects a batch of {tuple(wavs.shape)} ({error}); torch "
+                f"{torch.__version__} specialised a shape of this student; nothing was written"
+            ) from None
+    if not diff <= PARITY_TOLERANCE:
+        raise RuntimeError(
+            f"the exported program differs from the model by {diff:.3g} (> {PARITY_TOLERANCE}); "
+            "nothing was written"
+        )
+    meta = metadata(loaded)
+    meta["export_check_max_abs_diff"] = diff
+    save_program(program, meta, output)
+    return program, meta, diff
