@@ -104,6 +104,24 @@ def test_margin_softmax_logits():
     assert loss > margin_softmax_loss(cosine.detach(), target, 0.0, 30.0, "aam_softmax")
 
 
+@pytest.mark.parametrize("as_tensor", [False, True], ids=["single", "ddp_summed"])
+def test_reduced_metrics(as_tensor):
+    """Accuracy from summed counts; under DDP fairseq hands the summed logging outputs over as tensors."""
+    from fairseq import metrics
+
+    from fairseq_kd.criterions.kws_sv import KwsSvCriterion
+
+    logs = [{"loss": 6.0, "sample_size": 4, "nsentences": 4, "kws_loss": 2.0, "kws_correct": 3, "kws_count": 4,
+             "sv_loss": 4.0, "spk_correct": 0, "spk_count": 0}] * 2
+    if as_tensor:
+        logs = [{k: torch.tensor(float(v)) for k, v in log.items()} for log in logs]
+    with metrics.aggregate(new_root=True) as agg:
+        KwsSvCriterion.reduce_metrics(logs)
+    values = agg.get_smoothed_values()
+    assert values["kws_accuracy"] == 75.0 and values["loss"] == 1.5 and values["kws_loss"] == 0.5
+    assert "spk_accuracy" not in values and "sv_loss" not in values  # no labelled speaker: nothing to average
+
+
 def test_masked_statistics_ignore_padding():
     from fairseq_kd.models.kws_sv import masked_mean_std
 

@@ -156,8 +156,8 @@ class KwsSvCriterion(FairseqCriterion):
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:
-        def total(key):
-            return sum(log.get(key, 0) for log in logging_outputs)
+        def total(key) -> float:  # under DDP the summed logging outputs arrive as tensors
+            return float(sum(log.get(key, 0) for log in logging_outputs))
 
         sample_size = total("sample_size")
         metrics.log_scalar("loss", total("loss") / max(sample_size, 1), sample_size, round=4)
@@ -174,8 +174,8 @@ class KwsSvCriterion(FairseqCriterion):
             metrics.log_scalar(f"{task}_loss", total(f"{task}_loss") / count, count, round=4)
             metrics.log_derived(
                 accuracy,
-                lambda meters, c=correct_key, n=count_key: round(100.0 * meters[c].sum / meters[n].sum, 3)
-                if meters[n].sum > 0 else float("nan"),
+                lambda meters, c=correct_key, n=count_key: round(100.0 * float(meters[c].sum) / float(meters[n].sum), 3)
+                if float(meters[n].sum) > 0 else float("nan"),
             )
 
     @staticmethod

@@ -351,6 +351,6 @@ class KwsSvTask(FairseqTask):
 
     def joint_error(self, split: str, meters) -> Optional[float]:
         eer = self.sv_metric(split, "eer")
-        if eer is None or "kws_count" not in meters or meters["kws_count"].sum == 0:
+        if eer is None or "kws_count" not in meters or float(meters["kws_count"].sum) == 0:
             return None
-        return round(100.0 - 100.0 * meters["kws_correct"].sum / meters["kws_count"].sum + eer, 3)
+        return round(100.0 - 100.0 * float(meters["kws_correct"].sum) / float(meters["kws_count"].sum) + eer, 3)
