@@ -49,7 +49,7 @@ TEACHER="$OUT/teacher/checkpoint_last.pt"
 DISTILL=("task.data=$DATA" "task.teacher_path=$TEACHER" "${CPU[@]}" model.teacher_embed_dim=96
   task.max_sample_size=48000 dataset.batch_size=8 optimization.update_freq=[1] optimization.lr=[0.002]
   "optimization.max_update=$U_DISTIL" "lr_scheduler.warmup_updates=$((U_DISTIL / 10))" common.log_interval=50
-  "dataset.validate_interval_updates=$U_DISTIL" "checkpoint.save_interval_updates=$U_DISTIL")
+  dataset.validate_interval=1000 "dataset.validate_interval_updates=$((U_DISTIL / 6))" "checkpoint.save_interval_updates=$U_DISTIL")
 
 step "3/6 distil a thin_deep-shaped student (FitHuBERT: thin CNN, 6 x 64, time reduction, hints)"
 done_in "$OUT/thin_deep/checkpoint_last.pt" || train thin_deep thin_deep "${DISTILL[@]}" \
@@ -65,7 +65,7 @@ done_in "$OUT/distilhubert/checkpoint_last.pt" || train distilhubert distilhuber
 
 FINETUNE=("task.data=$DATA" "${CPU[@]}" "optimization.max_update=$U_FT" "optimization.lr=[0.0005]"
   model.freeze_finetune_updates=0 model.mask_prob=0.25 model.mask_channel_prob=0.1
-  model.mask_channel_length=16 model.layerdrop=0.0 dataset.max_tokens=320000
+  model.mask_channel_length=4 model.layerdrop=0.0 dataset.max_tokens=320000
   dataset.validate_interval=1000 "dataset.validate_interval_updates=$((U_FT / 3))" dataset.validate_after_updates=0
   "checkpoint.save_interval_updates=$U_FT" common.log_interval=50 +lr_scheduler.phase_ratio=[0.1,0.4,0.5])
 

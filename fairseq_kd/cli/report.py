@@ -15,7 +15,7 @@ and each training's log (``*.log``, fairseq's ``simple`` format). This command r
 * ``curves.png``: training curves (teacher pre-training, distillation, fine-tuning loss and valid
   UER) read from the logs;
 * ``similarity.png``: per distilled output, the cosine similarity to its teacher layer on the
-  valid split (before distillation, from the first validation, and after).
+  valid split at each validation of the distillation run, and as measured by this command.
 """
 
 from __future__ import annotations
@@ -106,36 +106,16 @@ def similarity(students, teacher, manifest: Path) -> Dict[str, Dict[str, float]]
     return {name: similarity_to_teacher(model, cfg, teacher, str(manifest)) for name, (model, cfg) in students.items()}
 
 
-def inference_times(teacher, students, manifest: Path, repeats: int) -> Dict[str, float]:
-    """Per encoder, the median over rounds of its CPU forward time divided by the teacher's in the
-    same round, on one padded batch of ``manifest`` audio (``fairseq_kd.benchmark``'s timer)."""
-    import soundfile as sf
-    import torch
+def inference_times(run: Path, names: Sequence[str], repeats: int) -> Dict[str, float]:
+    """CPU forward time of each encoder relative to the teacher's, timed side by side in rounds
+    on the same batch of 10 s utterances (``fairseq_kd.benchmark``)."""
+    from fairseq_kd.benchmark import inference_time_ratios
 
-    from fairseq_kd.benchmark import paired_ratio, time_interleaved
-    from fairseq_kd.data.manifest import read_manifest
-
-    root, rows = read_manifest(str(manifest))
-    waves = [torch.from_numpy(sf.read(str(root / row.path), dtype="float32")[0]) for row in rows[:8]]
-    source = torch.zeros(len(waves), max(len(w) for w in waves))
-    padding_mask = torch.ones_like(source, dtype=torch.bool)
-    for i, wave in enumerate(waves):
-        source[i, : len(wave)] = wave
-        padding_mask[i, : len(wave)] = False
-
-    def timed(forward):
-        def call():
-            with torch.inference_mode():
-                return forward()
-
-        return call
-
-    teacher_model = teacher.model
-    fns = {TEACHER: timed(lambda: teacher_model.extract_features(source, padding_mask=padding_mask, mask=False))}
-    for name, (model, _cfg) in students.items():
-        fns[name] = timed(lambda model=model: model.extract_features(source, padding_mask=padding_mask))
-    times = time_interleaved(fns, repeats=repeats, warmup=1, device=torch.device("cpu"))
-    return {name: paired_ratio(times[name], times[TEACHER]) for name in fns}
+    paths = {name: str(run / name / "checkpoint_last.pt") for name in names}
+    ratios = inference_time_ratios(
+        paths[TEACHER], [paths[n] for n in names if n != TEACHER], seconds=10.0, batch=4, repeats=repeats
+    )
+    return {name: ratios[path]["time_ratio"] for name, path in paths.items()}
 
 
 # -- plots -----------------------------------------------------------------------------------------
@@ -169,43 +149,43 @@ def plot_curves(logs: Dict[str, Dict[str, List[Dict[str, float]]]], out: Path) -
         if valid:
             uer_ax.plot([r["num_updates"] for r in valid], [r["uer"] for r in valid], "s:", label=f"ft_{name} valid UER %")
     uer_ax.set_ylabel("valid UER (%)")
-    uer_ax.legend(fontsize=7, loc="center right")
+    if uer_ax.lines:
+        uer_ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
-def plot_similarity(after: Dict[str, Dict[str, float]], before: Dict[str, Dict[str, float]], out: Path) -> None:
+def plot_similarity(logs: Dict[str, Dict[str, List[Dict[str, float]]]], final: Dict[str, Dict[str, float]], out: Path) -> None:
+    """Per student, the valid-set cosine similarity of every distilled output to its teacher layer
+    at each validation of the distillation run, and (markers) the report's own measurement."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    import numpy as np
 
-    fig, axes = plt.subplots(1, max(len(after), 1), figsize=(6 * max(len(after), 1), 4), squeeze=False)
-    for ax, (name, sims) in zip(axes[0], after.items()):
-        keys = list(sims)
-        x = np.arange(len(keys))
-        ax.bar(x - 0.2, [before.get(name, {}).get(k, np.nan) for k in keys], 0.4, label="first validation")
-        ax.bar(x + 0.2, [sims[k] for k in keys], 0.4, label="after distillation")
-        ax.set_xticks(x)
-        ax.set_xticklabels(keys)
+    names = list(final)
+    fig, axes = plt.subplots(1, max(len(names), 1), figsize=(6 * max(len(names), 1), 4), squeeze=False)
+    for ax, name in zip(axes[0], names):
+        valid = [r for r in logs.get(name, {}).get("valid", []) if "num_updates" in r]
+        last_update = valid[-1]["num_updates"] if valid else 0
+        for index, (output, value) in enumerate(final[name].items()):
+            color = f"C{index % 10}"
+            points = [(r["num_updates"], r[f"cos_sim_{output}"]) for r in valid if f"cos_sim_{output}" in r]
+            if points:
+                ax.plot(*zip(*points), "-", color=color, label=output)
+            ax.plot([last_update], [value], "x", color=color)
         ax.set_ylim(0, 1)
         ax.set_title(f"{name}: cosine similarity to the teacher (valid)")
-        ax.set_xlabel("distilled output (h: hint on student layer, p: prediction of teacher layer)")
-        ax.legend(fontsize=8)
+        ax.set_xlabel("distillation updates (x: held-out measurement of the final student)")
+        ax.set_ylabel("cosine similarity")
+        ax.legend(fontsize=7, title="h: hint on layer, p: prediction of teacher layer", title_fontsize=7)
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
 
 
 # -- the report ------------------------------------------------------------------------------------
-def first_valid_similarity(log: Dict[str, List[Dict[str, float]]]) -> Dict[str, float]:
-    if not log["valid"]:
-        return {}
-    return {k[len("cos_sim_"):]: v for k, v in log["valid"][0].items() if k.startswith("cos_sim_")}
-
-
 def build_report(run: Path, data: Path, split: str, repeats: int) -> Dict[str, Any]:
     names = [TEACHER, *[s for s in STUDENTS if (run / s / "checkpoint_last.pt").is_file()]]
     logs = {name: parse_log(run / f"{name}.log") for name in names}
@@ -213,7 +193,7 @@ def build_report(run: Path, data: Path, split: str, repeats: int) -> Dict[str, A
 
     teacher, students = load_encoders(run)
     sims = similarity(students, teacher, data / "valid.tsv")
-    time_ratios = inference_times(teacher, students, data / f"{split}.tsv", repeats)
+    time_ratios = inference_times(run, names, repeats)
     rows = {}
     for name in names:
         row = size_and_compute(run, name)
@@ -223,7 +203,7 @@ def build_report(run: Path, data: Path, split: str, repeats: int) -> Dict[str, A
         row["cer"] = read_score(run / f"decode_{name}" / "cer.txt")
         rows[name] = row
     plot_curves(logs, run / "curves.png")
-    plot_similarity(sims, {name: first_valid_similarity(logs[name]) for name in sims}, run / "similarity.png")
+    plot_similarity(logs, sims, run / "similarity.png")
     return {"split": split, "models": rows, "similarity": sims}
 
 
