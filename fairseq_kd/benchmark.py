@@ -312,12 +312,14 @@ _COMPOSED: Dict[Tuple[str, Tuple[str, ...]], Any] = {}
 
 def compose_preset(preset: str, overrides: Sequence[str]):
     """The preset's full config, composed as ``fairseq-hydra-train --config-name PRESET`` does."""
-    import copy
+    from omegaconf import OmegaConf
 
     key = (preset, tuple(overrides))
-    if key not in _COMPOSED:  # composing costs a second or two; check_config already did it
-        _COMPOSED[key] = _compose(preset, overrides)
-    return copy.deepcopy(_COMPOSED[key])
+    if key not in _COMPOSED:  # composing costs seconds (omegaconf 2.0 deep copies); check_config did it
+        _COMPOSED[key] = OmegaConf.to_container(_compose(preset, overrides))
+    cfg = OmegaConf.create(_COMPOSED[key])
+    OmegaConf.set_struct(cfg, True)
+    return cfg
 
 
 def _compose(preset: str, overrides: Sequence[str]):
@@ -370,7 +372,9 @@ class Distillation:
     sample: Dict[str, Any]
 
 
-def build_distillation(cfg: BenchmarkConfig, preset: str, teacher, device: torch.device, work_dir: str) -> Distillation:
+def build_distillation(
+    cfg: BenchmarkConfig, preset: str, teacher, device: torch.device, work_dir: str, train_cfg: Any = None
+) -> Distillation:
     """Task, student, criterion and fairseq ``Trainer`` of a preset; the teacher is the given one.
 
     The preset is composed like ``fairseq-hydra-train --config-name PRESET`` (every group: task,
@@ -380,7 +384,8 @@ def build_distillation(cfg: BenchmarkConfig, preset: str, teacher, device: torch
     from fairseq import tasks
     from fairseq.trainer import Trainer
 
-    train_cfg = compose_preset(preset, training_overrides(cfg, preset, device, work_dir))
+    if train_cfg is None:
+        train_cfg = compose_preset(preset, training_overrides(cfg, preset, device, work_dir))
     task = tasks.setup_task(train_cfg.task)
     task._teacher = teacher  # the in-memory teacher instead of one read from task.teacher_path
     model = task.build_model(train_cfg.model)
@@ -510,7 +515,7 @@ class PeakMemory:
         return hwm
 
 
-def memory_job(cfg: BenchmarkConfig, kind: str, preset: Optional[str]) -> Dict[str, Any]:
+def memory_job(cfg: BenchmarkConfig, kind: str, preset: Optional[str], train_cfg: Optional[dict] = None) -> Dict[str, Any]:
     """In a fresh process: peak memory of one teacher forward or one distillation update.
 
     ``base`` is the process after its imports (nothing built); the second call is measured, so
@@ -537,7 +542,11 @@ def memory_job(cfg: BenchmarkConfig, kind: str, preset: Optional[str]) -> Dict[s
                 with torch.inference_mode(), _autocast(device, cfg.amp):
                     model.extract_features(source, padding_mask=None, mask=False)
         else:
-            dist = build_distillation(cfg, preset, teacher, device, work_dir)
+            from omegaconf import OmegaConf
+
+            composed = OmegaConf.create(train_cfg)  # composed by the parent (hydra is slow to start)
+            OmegaConf.set_struct(composed, True)
+            dist = build_distillation(cfg, preset, teacher, device, work_dir, train_cfg=composed)
 
             def step():
                 dist.trainer.train_step([dist.sample])
@@ -562,17 +571,25 @@ CHILD_PRELOAD = [
 ]
 
 
-def memory_section(cfg: BenchmarkConfig) -> Dict[str, Any]:
+def memory_section(cfg: BenchmarkConfig, work_dir: str) -> Dict[str, Any]:
     """One fresh child process per measurement, side by side (memory does not mind).
 
     The children fork from a server that only imported the libraries (never ran an OpenMP
     region, which is not fork-safe), so each starts from the same bare state.
     """
+    from omegaconf import OmegaConf
+
     jobs = [("teacher_forward", None)] + [("distill_update", p) for p in cfg.presets]
     context = get_context("forkserver")
     context.set_forkserver_preload(CHILD_PRELOAD)
     with ProcessPoolExecutor(max_workers=len(jobs), mp_context=context) as pool:
-        futures = [pool.submit(memory_job, cfg, kind, preset) for kind, preset in jobs]
+        futures = []
+        for kind, preset in jobs:
+            train_cfg = None
+            if preset is not None:
+                overrides = training_overrides(cfg, preset, torch.device(cfg.device), work_dir)
+                train_cfg = OmegaConf.to_container(compose_preset(preset, overrides))
+            futures.append(pool.submit(memory_job, cfg, kind, preset, train_cfg))
         results = [f.result() for f in futures]
     teacher = results[0]
     rows = {"teacher_forward": teacher}
@@ -724,7 +741,7 @@ def _run(cfg: BenchmarkConfig, progress: Callable[[str], None], work_dir: str) -
     del teacher
     if "memory" in cfg.sections:
         stamp("memory")
-        result["memory"] = memory_section(cfg)
+        result["memory"] = memory_section(cfg, work_dir)
     stamp("done")
     result["wall_s"] = time.perf_counter() - started
     return result

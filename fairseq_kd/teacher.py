@@ -480,23 +480,32 @@ class FrozenTeacher:
         """
         if padding_mask is not None:
             padding_mask = padding_mask.to(self.device)
-        lengths = self._check_input(source, padding_mask)
+        lengths, host_lengths = self._check_input(source, padding_mask)
         self.holder.eval()  # whoever called train() in between
         # the caller's amp autocast must not change the dtype the teacher was asked to run in
         with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             x = source.to(device=self.device, dtype=self.dtype)
-            features = self.forward_features(x, lengths)  # (B, C, T)
+            # decided from the host copy of the lengths: no GPU sync once the CNN is queued
+            padded = bool(host_lengths) and min(host_lengths) < source.size(1)
+            features = self.forward_features(x, lengths, padded=padded)  # (B, C, T)
             frame_mask = frames_padding_mask(padding_mask, self.conv_layers, features.size(-1))
             layer0 = self.forward_projection(features)  # (B, T, D)
-            layers = self.forward_encoder(layer0, frame_mask)
+            has_padding = self._has_padded_frames(host_lengths, features.size(-1))
+            layers = self.forward_encoder(layer0, frame_mask, has_padding=has_padding)
         return [h.float() for h in [layer0] + layers], frame_mask
 
-    def _check_input(self, source: Tensor, padding_mask: Optional[Tensor]) -> Optional[Tensor]:
-        """Shape checks; returns the sample lengths (None without padding)."""
+    def _check_input(
+        self, source: Tensor, padding_mask: Optional[Tensor]
+    ) -> Tuple[Optional[Tensor], Optional[List[int]]]:
+        """Shape checks; returns the sample lengths (None without padding) and their host copy.
+
+        The host copy is the one device-to-host transfer of a forward, made before any compute
+        is queued (on a GPU a later one would wait for the queued work and stall the pipeline).
+        """
         if source.dim() != 2:
             raise TeacherError(f"teacher input must be (B, S) waveforms, got shape {tuple(source.shape)}")
         if padding_mask is None:
-            lengths = None
+            lengths, host_lengths = None, None
             shortest = source.size(1)
         else:
             if padding_mask.shape != source.shape or padding_mask.dtype != torch.bool:
@@ -505,19 +514,35 @@ class FrozenTeacher:
                     f"{padding_mask.dtype} {tuple(padding_mask.shape)}"
                 )
             lengths = (~padding_mask).sum(-1)
-            shortest = int(lengths.min()) if lengths.numel() else source.size(1)
+            host_lengths = lengths.tolist()
+            shortest = min(host_lengths) if host_lengths else source.size(1)
         if shortest < self.receptive_field:
             raise TeacherError(
                 f"an utterance of {shortest} samples is shorter than the teacher's receptive field "
                 f"({self.receptive_field} samples) and yields no frame; filter such utterances "
                 f"(dataset min_sample_size)"
             )
-        return lengths
+        return lengths, host_lengths
 
-    def forward_features(self, source: Tensor, lengths: Optional[Tensor]) -> Tensor:
-        """The CNN, padding-exact: (B, S) -> (B, C, T)."""
+    def _has_padded_frames(self, host_lengths: Optional[List[int]], num_frames: int) -> bool:
+        """Whether any row has fewer than ``num_frames`` valid frames (host arithmetic only)."""
+        if host_lengths is None:
+            return False
+        for length in host_lengths:
+            for _, kernel, stride in self.conv_layers:  # conv_output_lengths, in Python ints
+                length = max((length - kernel) // stride + 1, 0)
+            if length < num_frames:
+                return True
+        return False
+
+    def forward_features(self, source: Tensor, lengths: Optional[Tensor], padded: Optional[bool] = None) -> Tensor:
+        """The CNN, padding-exact: (B, S) -> (B, C, T).
+
+        ``padded``: whether any row is shorter than S (computed from ``lengths`` if not given).
+        """
         x = source.unsqueeze(1)  # (B, 1, S)
-        padded = lengths is not None and bool((lengths < source.size(1)).any())
+        if padded is None:
+            padded = lengths is not None and bool((lengths < source.size(1)).any())
         frame_lengths = lengths
         for block, spec in zip(self.model.feature_extractor.conv_layers, self.conv_layers):
             if padded:
@@ -537,11 +562,18 @@ class FrozenTeacher:
             x = self.model.post_extract_proj(x)
         return x
 
-    def forward_encoder(self, x: Tensor, frame_mask: Optional[Tensor]) -> List[Tensor]:
-        """Transformer layers 1..L, each (B, T, D)."""
+    def forward_encoder(
+        self, x: Tensor, frame_mask: Optional[Tensor], has_padding: Optional[bool] = None
+    ) -> List[Tensor]:
+        """Transformer layers 1..L, each (B, T, D).
+
+        ``has_padding``: whether ``frame_mask`` has any True (computed from it if not given).
+        """
         encoder = self.model.encoder
+        if has_padding is None:
+            has_padding = frame_mask is not None and bool(frame_mask.any())
         # an all-False mask changes nothing but costs the masked attention path
-        mask = frame_mask if frame_mask is not None and bool(frame_mask.any()) else None
+        mask = frame_mask if has_padding else None
         # extract_features zeroes x's padded frames in place, as fairseq's own forward does
         _, layer_results = encoder.extract_features(x, padding_mask=mask)
         if len(layer_results) != self.num_layers:  # would mean layerdrop is on

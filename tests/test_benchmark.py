@@ -115,6 +115,51 @@ def test_bad_settings_fail_before_any_model_is_built(tmp_path, capsys):
     assert "--force" in capsys.readouterr().err and existing.read_text() == "mine"
 
 
+# every way a tensor's value reaches Python; on a GPU each one waits for the queued work
+HOST_READS = ("item", "tolist", "__bool__", "__int__", "__float__", "__index__", "numpy")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_distillation_step_reads_the_device_once(preset, monkeypatch):
+    """Criterion forward (teacher + student + losses + logging) and backward: the only value read
+    back to Python is the teacher's copy of the batch lengths, taken before any compute is queued."""
+    import collections
+    import tempfile
+
+    import torch
+
+    from fairseq_kd import benchmark
+
+    overrides = [o for o in TINY[TINY.index("--override") + 1:]]
+    teacher_overrides = TINY[TINY.index("--teacher-override") + 1:TINY.index("--override")]
+    cfg = benchmark.BenchmarkConfig(batch=2, seconds=0.5, teacher_overrides=teacher_overrides, overrides=overrides)
+    teacher = benchmark.build_teacher(teacher_overrides)
+    with tempfile.TemporaryDirectory() as work_dir:
+        dist = benchmark.build_distillation(cfg, preset, teacher, torch.device("cpu"), work_dir)
+    reads = collections.Counter()
+    for name in HOST_READS:
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, __name=name, __original=original, **kwargs):
+            reads[__name] += 1
+            return __original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+
+    net_input = dist.sample["net_input"]
+    net_input["padding_mask"][1, 6000:] = True  # a padded batch: the masked paths run
+    loss, sample_size, logging_output = dist.criterion(dist.model, dist.sample)
+    loss.backward()
+    assert dict(reads) == {"tolist": 1}
+    reads.clear()
+    net_input["padding_mask"] = None  # crop-to-shortest batches: nothing at all
+    loss, sample_size, logging_output = dist.criterion(dist.model, dist.sample)
+    loss.backward()
+    assert dict(reads) == {}
+    monkeypatch.undo()
+    assert sample_size.item() > 0 and all(v.item() > 0 for k, v in logging_output.items() if k.startswith("l"))
+
+
 def _student_checkpoint(path: Path) -> Path:
     """A tiny thin_hubert checkpoint in the layout fairseq's trainer writes (cfg + model + history)."""
     import torch
