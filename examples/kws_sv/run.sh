@@ -75,6 +75,7 @@ print("|---|---|---|---|---|---|")
 for name in names:
     r = json.load(open(f"{out}/{name}/checkpoint_best.test.json"))
     who, how = name.split("_")
+    how = {"frozen": "frozen", "finetuned": "fine-tuned (CNN + transformer)"}[how]
     print(f"| {who} ({r['encoder']}) | {how} | {r['encoder_params'] / 1e6:.2f} M | {r['kws_accuracy']:.1f} | {r['eer']:.1f} | {r['min_dcf']:.3f} |")
 EOF
 echo "total ${SECONDS}s; everything is under $OUT"
