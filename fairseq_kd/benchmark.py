@@ -47,7 +47,7 @@ import torch
 logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16_000
-SECTIONS = ("inference", "training", "memory", "scaling")
+SECTIONS = ("inference", "training", "memory", "scaling", "loader")
 AMP_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # issue 5's CPU targets: student forward time / teacher forward time, and update overhead
 CPU_TIME_TARGETS = {"thin_deep": 0.25, "distilhubert": 0.5}
@@ -77,6 +77,10 @@ class BenchmarkConfig:
     repeats: int = 5
     warmup: int = 1
     sections: List[str] = field(default_factory=lambda: list(SECTIONS))
+    # loader section: fairseq's batch iterator over a manifest folder, with these DataLoader workers
+    manifest: Optional[str] = None
+    split: str = "train"
+    loader_workers: List[int] = field(default_factory=lambda: [0, 2])
     # HubertConfig fields of the teacher (KEY=VALUE) and preset overrides ([PRESET:]group.KEY=VALUE)
     teacher_overrides: List[str] = field(default_factory=list)
     overrides: List[str] = field(default_factory=list)
@@ -459,6 +463,52 @@ def distilhubert_schedule(audio_s_per_s: float) -> Dict[str, float]:
     }
 
 
+def loader_section(cfg: BenchmarkConfig, work_dir: str) -> Dict[str, Any]:
+    """Audio-seconds per second that fairseq's batch iterator delivers from ``manifest``, with each
+    number of DataLoader workers, batched as each preset batches (crops, batch size, max_tokens).
+
+    Audio is read and decoded for real (soundfile), so this is the rate the data side can feed an
+    update; compare it with the distillation throughput.
+    """
+    from fairseq import tasks
+
+    rows: Dict[str, Any] = {}
+    for preset in cfg.presets:
+        overrides = [o for o in training_overrides(cfg, preset, torch.device("cpu"), work_dir) if not o.startswith("task.data=")]
+        train_cfg = compose_preset(preset, overrides + [f"task.data={cfg.manifest}", "task.validate_audio=false"])
+        task = tasks.setup_task(train_cfg.task)
+        task.load_dataset(cfg.split)
+        dataset = task.dataset(cfg.split)
+        rows[preset] = {}
+        _load_epoch(task, dataset, train_cfg, 0, cfg.seed)  # untimed: the page cache and libsndfile warm up
+        for workers in cfg.loader_workers:
+            rows[preset][str(workers)] = _load_epoch(task, dataset, train_cfg, workers, cfg.seed)
+    return {"manifest": cfg.manifest, "split": cfg.split, "presets": rows}
+
+
+def _load_epoch(task, dataset, train_cfg, workers: int, seed: int) -> Dict[str, float]:
+    """One epoch through fairseq's iterator; the rate counts from the first batch on (the workers'
+    start-up is paid once per epoch, which on a real corpus is thousands of batches)."""
+    iterator = task.get_batch_iterator(
+        dataset, max_tokens=train_cfg.dataset.max_tokens, max_sentences=train_cfg.dataset.batch_size,
+        num_workers=workers, seed=seed, epoch=1,
+    ).next_epoch_itr(shuffle=True)
+    start = time.perf_counter()
+    first, samples, first_samples, batches = None, 0, 0, 0
+    for batch in iterator:
+        mask = batch["net_input"].get("padding_mask")
+        samples += batch["net_input"]["source"].numel() - (int(mask.sum()) if mask is not None else 0)
+        if first is None:
+            first, first_samples = time.perf_counter(), samples
+        batches += 1
+    end = time.perf_counter()
+    if batches > 1:  # from the first batch on
+        rate = (samples - first_samples) / SAMPLE_RATE / (end - first)
+    else:  # a one-batch split: start-up included
+        rate = samples / SAMPLE_RATE / max(end - start, 1e-9)
+    return {"audio_s_per_s": rate, "first_batch_s": (first or end) - start, "batches": batches}
+
+
 # -- memory, in child processes ------------------------------------------------------------------------
 def _proc_status_bytes(key: str) -> Optional[int]:
     try:
@@ -612,6 +662,7 @@ def quiet() -> None:
     for name in ("fairseq", "fairseq_kd"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=FutureWarning, message=r".*(weight_norm|autocast).*")
+    warnings.filterwarnings("ignore", category=UserWarning, message=r".*pin_memory.*no accelerator.*")
 
 
 def machine_info(device: torch.device) -> Dict[str, Any]:
@@ -660,6 +711,12 @@ def check_config(cfg: BenchmarkConfig, work_dir: Optional[str] = None) -> None:
         raise BenchmarkError(f"utterances of {too_short} s are shorter than the CNN's receptive field (400 samples)")
     if not cfg.presets:
         raise BenchmarkError("no presets to benchmark (--presets)")
+    if "loader" in cfg.sections and cfg.manifest:
+        manifest = os.path.join(cfg.manifest, f"{cfg.split}.tsv")
+        if not os.path.isfile(manifest):
+            raise BenchmarkError(f"--manifest {cfg.manifest}: no {cfg.split}.tsv there (fairseq manifest folder expected)")
+        if any(w < 0 for w in cfg.loader_workers):
+            raise BenchmarkError(f"--loader-workers must be >= 0, got {cfg.loader_workers}")
     teacher = teacher_config(cfg.teacher_overrides)  # raises on unknown keys
     for preset in cfg.presets:
         check_student(preset, student_fields(preset, cfg.overrides))
@@ -739,6 +796,12 @@ def _run(cfg: BenchmarkConfig, progress: Callable[[str], None], work_dir: str) -
             for preset, row in result["training"]["presets"].items()
         }
     del teacher
+    if "loader" in cfg.sections and cfg.manifest:
+        stamp("loader")
+        result["loader"] = loader_section(cfg, work_dir)
+        for preset, row in result.get("throughput", {}).items():  # can the data side keep up?
+            row["loader_headroom"] = {w: r["audio_s_per_s"] / row["audio_s_per_s"]
+                                      for w, r in result["loader"]["presets"][preset].items()}
     if "memory" in cfg.sections:
         stamp("memory")
         result["memory"] = memory_section(cfg, work_dir)
@@ -797,12 +860,21 @@ def format_report(result: Mapping[str, Any]) -> str:
         for seconds, row in sc["lengths"].items():
             lines.append("  " + f"{float(seconds):<6g}s " + "".join(
                 f"{row[n]['ms_per_audio_s']:16.1f} ({row[n]['time_ratio']:.3f})" + " " * 1 for n in names))
+    if "loader" in result:
+        ld = result["loader"]
+        lines += ["", f"data loading: audio-seconds per second from {ld['manifest']} ({ld['split']}), "
+                      "by DataLoader workers"]
+        for name, row in ld["presets"].items():
+            lines.append(f"  {name:<22}" + "  ".join(f"{w} workers {r['audio_s_per_s']:8.0f}" for w, r in row.items()))
     if "throughput" in result:
         lines += ["", "distillation throughput (audio-seconds per second) and DistilHuBERT's schedule "
                       f"({DISTILHUBERT_UPDATES // 1000}k updates x {DISTILHUBERT_BATCH} utterances) at that rate"]
         for name, row in result["throughput"].items():
             lines.append(f"  {name:<22}{row['audio_s_per_s']:9.2f} audio-s/s  -> {row['schedule_days_15_6s']:8.1f} days "
                          f"with 15.6 s crops, {row['schedule_days_12_3s']:8.1f} days at LibriSpeech's 12.3 s mean")
+            if "loader_headroom" in row:
+                lines.append(f"  {'':<22}data loading / distillation rate: " + ", ".join(
+                    f"{h:.1f}x with {w} workers" for w, h in row["loader_headroom"].items()))
     return "\n".join(lines)
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import console_script, run
+from conftest import MANIFESTS, console_script, run
 from fairseq_checkpoints import make_hubert_checkpoint
 
 # a HuBERT-Base-shaped teacher and the two presets, shrunk in width and depth
@@ -29,6 +29,7 @@ TINY = [
     "distilhubert:model.conv_channels=[64,64,64,64,64,64,64]", "distilhubert:model.pred_layer_ids=[1,2]",
 ]
 PRESETS = ("thin_deep", "distilhubert")
+LOADER = ["--manifest", str(MANIFESTS), "--split", "valid", "--loader-workers", "0", "1"]
 
 
 def positive(x) -> bool:
@@ -38,14 +39,15 @@ def positive(x) -> bool:
 @pytest.fixture(scope="module")
 def bench(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench") / "bench.json"
-    proc = run([console_script("fairseq-kd-benchmark"), *TINY, "--out", str(out)], timeout=300)
+    proc = run([console_script("fairseq-kd-benchmark"), *TINY, *LOADER, "--out", str(out)], timeout=300)
     return proc.stdout, json.loads(out.read_text())
 
 
 def test_report_has_every_section(bench):
     stdout, result = bench
-    assert set(result) >= {"machine", "config", "load", "inference", "training", "memory", "scaling", "throughput"}
-    for heading in ("inference:", "training:", "memory:", "scaling:", "distillation throughput"):
+    assert set(result) >= {"machine", "config", "load", "inference", "training", "memory", "scaling", "throughput",
+                           "loader"}
+    for heading in ("inference:", "training:", "memory:", "scaling:", "distillation throughput", "data loading:"):
         assert heading in stdout, heading
     for preset in PRESETS:
         assert stdout.count(preset) >= 5, preset  # a row in each section
@@ -88,6 +90,10 @@ def test_training_overhead_memory_and_throughput(bench):
         assert positive(speed["audio_s_per_s"])
         assert speed["audio_s_per_s"] == pytest.approx(0.5 / row["update_s"])  # 1 x 0.5 s per update
         assert speed["schedule_days_15_6s"] / speed["schedule_days_12_3s"] == pytest.approx(15.625 / 12.3, rel=0.01)
+        # real audio of the bundled valid split, read by fairseq's iterator with 0 and 1 DataLoader workers
+        loaded = result["loader"]["presets"][name]
+        assert set(loaded) == {"0", "1"} and all(positive(r["audio_s_per_s"]) and r["batches"] >= 1 for r in loaded.values())
+        assert set(speed["loader_headroom"]) == {"0", "1"} and all(positive(h) for h in speed["loader_headroom"].values())
     assert positive(result["memory"]["rows"]["teacher_forward"]["peak_over_base_mb"])
 
 

@@ -46,6 +46,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     p.add_argument("--quick", action="store_true",
                    help="a short run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
+    p.add_argument("--manifest", default=None,
+                   help="a fairseq manifest folder: adds the data-loading section (e.g. the bundled manifests/)")
+    p.add_argument("--split", default=d.split, help="manifest split of the data-loading section")
+    p.add_argument("--loader-workers", type=int, nargs="+", default=d.loader_workers,
+                   help="DataLoader worker counts of the data-loading section")
     p.add_argument("--teacher-override", nargs="*", default=[], metavar="KEY=VALUE",
                    help="HubertConfig fields of the teacher, e.g. encoder_layers=4")
     p.add_argument("--override", nargs="*", default=[], metavar="[PRESET:]GROUP.KEY=VALUE",
@@ -66,7 +71,8 @@ def config_from_args(args: argparse.Namespace):
         batch=args.batch or (24 if gpu else BenchmarkConfig().batch), seconds=args.seconds,
         lengths=args.lengths, scaling_batch=args.scaling_batch, repeats=args.repeats, warmup=args.warmup,
         sections=args.sections, teacher_overrides=args.teacher_override, overrides=args.override,
-        threads=args.threads, seed=args.seed,
+        threads=args.threads, seed=args.seed, manifest=args.manifest, split=args.split,
+        loader_workers=args.loader_workers,
     )
     if args.quick:  # what the user set explicitly still wins
         defaults = vars(build_parser().parse_args([]))
