@@ -23,14 +23,12 @@ import contextlib
 import io
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Tuple
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -165,10 +163,13 @@ for name, path in {files!r}.items():
         short = upstream([inputs["short"]])
         tiny = upstream([inputs["tiny"]])
         offset = upstream([inputs["offset"]])
+        # the program follows the input's device (s3prl moves inputs to cuda): checked on "meta"
+        on_meta = upstream([w.to("meta") for w in inputs["mixed"]])["hidden_states"]
     results[name] = {{
         "mixed": mixed["hidden_states"], "last": mixed["last_hidden_state"], "again": again["hidden_states"],
         "hidden_state_1": mixed["hidden_state_1"], "singles": singles,
         "short": short["hidden_states"], "tiny": tiny["hidden_states"], "offset": offset["hidden_states"],
+        "on_meta": [(str(h.device), tuple(h.shape)) for h in on_meta],
         "rates": {{k: upstream.get_downsample_rates(k) for k in ("hidden_states", "last_hidden_state")}},
         "meta": upstream.student.meta,
     }}
@@ -247,16 +248,17 @@ def exported(tmp_path_factory) -> Dict[str, Any]:
                                    inputs=str(work / "inputs.pt"), files=files, output=str(work / "results.pt"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["FAIRSEQ_KD_COMPAT"] = "0"  # not even the start-up hook of the plugin's environment
-    blocked = subprocess.run([sys.executable, "-S", "-c", script], cwd=work, env=env, capture_output=True,
-                             text=True, timeout=300)
-    assert blocked.returncode == 0, blocked.stderr[-5000:]
+    blocked = subprocess.Popen([sys.executable, "-S", "-c", script], cwd=work, env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    # meanwhile, the originals as fairseq loads them
+    models = {name: fairseq_encoder(ckpt[name]) for name in ("reduced", "ctc", "plain")}
+    out, err = blocked.communicate(timeout=300)
+    assert blocked.returncode == 0, err[-5000:]
     stages["upstream without fairseq"] = time.monotonic() - start - sum(stages.values())
     print("export stages (s):", {k: round(v, 1) for k, v in stages.items()})
     return {
-        "work": work, "ckpt": ckpt, "runs": runs, "files": files, "inputs": inputs,
-        "results": torch.load(work / "results.pt"), "blocked": json.loads(blocked.stdout.strip().splitlines()[-1]),
-        "models": {"reduced": fairseq_encoder(ckpt["reduced"]), "ctc": fairseq_encoder(ckpt["ctc"]),
-                   "plain": fairseq_encoder(ckpt["plain"])},
+        "work": work, "ckpt": ckpt, "runs": runs, "files": files, "inputs": inputs, "models": models,
+        "results": torch.load(work / "results.pt"), "blocked": json.loads(out.strip().splitlines()[-1]),
     }
 
 
@@ -362,11 +364,13 @@ def test_s3prl_contract(exported, name):
         assert [tuple(h.shape) for h in results[key]] == [(1, 2, 64)] * 3, key
         assert torch.isfinite(torch.stack(results[key])).all()
     featurize([exported["inputs"]["short"]], results["short"], rate, torch.zeros(3))
+    # on another device (moved with torch.export's move_to_device_pass): same shapes, that device
+    assert results["on_meta"] == [("meta", tuple(mixed[0].shape))] * 3
 
 
 @pytest.mark.parametrize("name", ["reduced", "ctc"])
 def test_s3prl_mixed_lengths_and_determinism(exported, name):
-    results, wavs = exported["results"][name], exported["inputs"]["mixed"]
+    results = exported["results"][name]
     assert all(torch.equal(a, b) for a, b in zip(results["mixed"], results["again"]))
     frames = [s[0].size(1) for s in results["singles"]]
     for layer_id, batch in enumerate(results["mixed"]):

@@ -21,7 +21,7 @@ import os
 import pickle
 import zipfile
 from dataclasses import dataclass, fields
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping
 
 import torch
 

@@ -114,15 +114,19 @@ def onnx_parity(session, program: Callable, batches: List[Tuple[torch.Tensor, to
     return worst
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int, warmup: int = 2) -> float:
+def interleaved_medians(calls: Dict[str, Callable[[], Any]], repeats: int, warmup: int = 2) -> Dict[str, float]:
+    """Median seconds of each call, timed in interleaved rounds (one of each per round), so that
+    a change in the machine's load during the measurement affects all of them alike."""
     for _ in range(warmup):
-        fn()
-    times = []
+        for call in calls.values():
+            call()
+    times: Dict[str, List[float]] = {name: [] for name in calls}
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, call in calls.items():
+            start = time.perf_counter()
+            call()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def latency_comparison(
@@ -136,7 +140,8 @@ def latency_comparison(
     sample_rate: int = 16000,
 ) -> Dict[str, Any]:
     """Median CPU latency of the eager student (fairseq modules, ``encode``), the torch.export
-    program and onnxruntime on the same batch, measured in this process with the same thread count.
+    program and onnxruntime on the same batch, measured in this process with the same thread count,
+    in interleaved rounds.
 
     Ratios are against the eager model (the baseline, measured in the same run).
     """
@@ -147,9 +152,12 @@ def latency_comparison(
         wavs = torch.randn(batch_size, samples, generator=torch.Generator().manual_seed(0))
         lengths = torch.full((batch_size,), samples, dtype=torch.long)
         with torch.no_grad():
-            eager = _median_seconds(lambda: model.encode(wavs), repeats)
-            exported = _median_seconds(lambda: program(wavs, lengths), repeats)
-        onnxrt = _median_seconds(lambda: run_onnx(session, wavs, lengths), repeats)
+            medians = interleaved_medians({
+                "eager": lambda: model.encode(wavs),
+                "export": lambda: program(wavs, lengths),
+                "onnxruntime": lambda: run_onnx(session, wavs, lengths),
+            }, repeats)
+        eager, exported, onnxrt = medians["eager"], medians["export"], medians["onnxruntime"]
     finally:
         torch.set_num_threads(previous_threads)
     return {

@@ -29,9 +29,11 @@ alternative of declaring 640 and returning only the reduced layers:
   would change what the featurizer can learn from. Up-sampling keeps every layer, unchanged.
 - It is s3prl's own precedent for mixed-rate models (``multires_hubert`` repeats lower-rate
   layers and reports 320), and the rate FitHuBERT's published SUPERB numbers were run at.
-- Downstream recipes are tuned for 20 ms frames (CTC for PR/ASR needs enough frames per
-  label: 25 Hz is short for fast speech; SD's frame labels), so results stay comparable with
-  the HuBERT-family rows of the leaderboard.
+- s3prl's downstream recipes assume 20 ms frames: PR's config (``downstream/ctc/libriphone.yaml``)
+  has ``total_rate: 320`` and ``asr/model.py`` derives ``round(total_rate / upstream_rate)``, which
+  is 0 at 640; CTC for PR/ASR/SF needs enough frames per label (25 Hz is short for fast
+  speech); SD takes its label frame shift from the rate. At 320 every task runs unchanged and
+  stays comparable with the HuBERT-family rows of the leaderboard.
 
 The cost is downstream compute on repeated frames; the values at the reduced rate are recovered
 exactly as ``hidden_states[l][:, ::r]``. ``native_downsample_rates`` in the metadata records each
@@ -41,11 +43,10 @@ layer's own rate.
 import datetime
 import hashlib
 import json
-import logging
 import os
 import tempfile
 import types
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -55,8 +56,6 @@ import torch.nn.functional as F
 from fairseq_kd.export.checkpoints import LoadedStudent
 from fairseq_kd.models.thin_hubert import ThinHubertModel
 from fairseq_kd.s3prl_upstream.runtime import FORMAT, FORMAT_VERSION, META_NAME
-
-logger = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4  # max abs difference accepted between the program and the model (fp32)
 
@@ -313,14 +312,11 @@ def save_program(program: Any, meta: Dict[str, Any], output: str) -> None:
     """``torch.export.save`` through a temporary file in the same folder, then an atomic rename."""
     folder = os.path.dirname(os.path.abspath(output))
     os.makedirs(folder, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=".fairseq_kd_export_", suffix=".pt2", dir=folder)
-    os.close(handle)
-    try:
-        torch.export.save(program, tmp, extra_files={META_NAME: json.dumps(meta, indent=1)})
-        os.replace(tmp, output)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    # same base name inside a temporary folder: the archive's inner folder is named after the file
+    with tempfile.TemporaryDirectory(prefix=".fairseq_kd_export_", dir=folder) as tmp:
+        tmp_path = os.path.join(tmp, os.path.basename(output))
+        torch.export.save(program, tmp_path, extra_files={META_NAME: json.dumps(meta, indent=1)})
+        os.replace(tmp_path, output)
 
 
 def export_standalone(loaded: LoadedStudent, output: str) -> Tuple[Any, Dict[str, Any], float]:

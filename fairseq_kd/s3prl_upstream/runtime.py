@@ -31,7 +31,7 @@ utterances, input checks and moving the program to the device of the input.
 import json
 import os
 import zipfile
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
