@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", nargs="?", help="standalone student file to write (.pt2)")
     p.add_argument("--onnx", default=None, metavar="FILE", help="also write an ONNX model here")
     p.add_argument("--check", action="store_true",
-                   help="load the written file(s) back and compare with the model on more input shapes")
+                   help="load the written .pt2 back and compare it with the model (mixed lengths, 0.05 s, batch of one)")
     p.add_argument("--benchmark", action="store_true", help="CPU latency: eager vs torch.export vs onnxruntime (needs --onnx)")
     p.add_argument("--seconds", type=float, default=10.0, help="utterance length of the benchmark")
     p.add_argument("--batch", type=int, default=1, help="utterances per benchmark batch")
