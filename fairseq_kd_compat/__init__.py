@@ -33,6 +33,9 @@ FIXES: Dict[str, str] = {
     "manifest_root": "fairseq.data.audio.raw_audio_dataset / hubert_dataset: a relative manifest root "
     "that does not exist from the working directory is resolved against the manifest's folder",
     "user_dir_module": "fairseq.utils: common.user_dir may name an installed package (e.g. fairseq_kd)",
+    "launch_relative_paths": "fairseq_cli.hydra_train: input paths (task.data, task.teacher_path, "
+    "model.w2v_path, ...) relative to the directory fairseq-hydra-train was started in, not to the "
+    "hydra run folder it runs in",
 }
 
 _installed = False

@@ -169,6 +169,76 @@ def patch_import_user_module(module: types.ModuleType) -> None:
     module.import_user_module = import_user_module
 
 
+# 7. input paths relative to where a hydra job was started ---------------------------------------
+# hydra 1.0 runs every job inside hydra.run.dir (outputs/<date>/<time>), so fairseq opens
+# `task.data=manifests` there and finds nothing. Input paths (never output folders such as
+# checkpoint.save_dir, whose placement inside the run folder is fairseq's documented behaviour)
+# that exist from the launch directory are made absolute.
+INPUT_PATH_KEYS = (
+    "task.data",
+    "task.label_dir",
+    "task.teacher_path",
+    "model.w2v_path",
+    "checkpoint.finetune_from_model",
+    "common_eval.path",
+    "decoding.lexicon",
+    "decoding.lmpath",
+)
+
+
+def absolute_input_path(value: str, launch_dir: str, cwd: str = None) -> str:
+    """``value`` made absolute against ``launch_dir`` when it exists there and not from ``cwd``.
+
+    ``os.pathsep``-separated lists (fairseq's ``common_eval.path`` for ensembles) are handled
+    element by element.
+    """
+    cwd = cwd or os.getcwd()
+    parts = []
+    for part in value.split(os.pathsep):
+        if (
+            part
+            and not os.path.isabs(part)
+            and not os.path.exists(os.path.join(cwd, part))
+            and os.path.exists(os.path.join(launch_dir, part))
+        ):
+            part = os.path.normpath(os.path.join(launch_dir, part))
+        parts.append(part)
+    return os.pathsep.join(parts)
+
+
+def absolute_input_paths(cfg: Any, launch_dir: str) -> None:
+    """Rewrite the relative input paths of a composed hydra config in place."""
+    from omegaconf import OmegaConf, open_dict
+
+    for key in INPUT_PATH_KEYS:
+        group, name = key.split(".")
+        node = cfg.get(group, None) if hasattr(cfg, "get") else None
+        if node is None or name not in node or OmegaConf.is_missing(node, name):
+            continue
+        if OmegaConf.is_interpolation(node, name):
+            continue  # e.g. model.data: ${task.data}, resolved from the rewritten key
+        value = node[name]
+        if isinstance(value, str):
+            resolved = absolute_input_path(value, launch_dir)
+            if resolved != value:
+                with open_dict(node):
+                    node[name] = resolved
+
+
+def patch_hydra_train_paths(module: types.ModuleType) -> None:
+    original = module._hydra_main  # hydra_main looks it up at call time
+
+    def _hydra_main(cfg, **kwargs):
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.utils import get_original_cwd
+
+        if HydraConfig.initialized():
+            absolute_input_paths(cfg, get_original_cwd())
+        return original(cfg, **kwargs)
+
+    module._hydra_main = _hydra_main
+
+
 # fix name -> {module name: patch applied right after that module executes}
 MODULE_PATCHES: Dict[str, Dict[str, Callable[[types.ModuleType], None]]] = {
     "hydra_traceback": {"hydra._internal.utils": patch_hydra_traceback},
@@ -185,4 +255,5 @@ MODULE_PATCHES: Dict[str, Dict[str, Callable[[types.ModuleType], None]]] = {
         "fairseq.data.audio.hubert_dataset": patch_hubert_load_audio,
     },
     "user_dir_module": {"fairseq.utils": patch_import_user_module},
+    "launch_relative_paths": {"fairseq_cli.hydra_train": patch_hydra_train_paths},
 }

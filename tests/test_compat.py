@@ -215,6 +215,51 @@ def test_relative_manifest_root_works_from_any_directory(tmp_path):
     assert broken.returncode != 0 and "audio/a.flac" in broken.stderr
 
 
+# -- 7. input paths relative to the launch directory (hydra runs the job in hydra.run.dir) ---------
+def test_relative_input_paths_resolve_against_the_launch_directory(tmp_path):
+    from omegaconf import OmegaConf
+
+    from fairseq_kd_compat.fixes import absolute_input_paths
+
+    launch, run_dir = tmp_path / "launch", tmp_path / "launch" / "outputs" / "run"
+    (launch / "data").mkdir(parents=True)
+    (launch / "teacher.pt").write_bytes(b"")
+    run_dir.mkdir(parents=True)
+    cfg = OmegaConf.create({
+        "task": {"data": "data", "teacher_path": "teacher.pt", "label_dir": "???"},
+        "model": {"w2v_path": "not_there.pt", "data": "${task.data}"},
+        "common_eval": {"path": f"teacher.pt{os.pathsep}/abs/other.pt"},
+        "checkpoint": {"save_dir": "checkpoints"},
+    })
+    cwd = os.getcwd()
+    os.chdir(run_dir)
+    try:
+        absolute_input_paths(cfg, str(launch))
+    finally:
+        os.chdir(cwd)
+    assert cfg.task.data == str(launch / "data") and cfg.model.data == str(launch / "data")
+    assert cfg.task.teacher_path == str(launch / "teacher.pt")
+    assert cfg.common_eval.path == f"{launch / 'teacher.pt'}{os.pathsep}/abs/other.pt"
+    assert cfg.model.w2v_path == "not_there.pt"  # missing everywhere: fairseq's own error names it
+    assert cfg.checkpoint.save_dir == "checkpoints"  # outputs stay in the run folder, as in fairseq
+    assert OmegaConf.is_missing(cfg.task, "label_dir")
+
+
+def test_without_the_fix_relative_paths_are_read_from_the_run_folder(tmp_path):
+    from fairseq_checkpoints import make_hubert_checkpoint
+
+    make_hubert_checkpoint(tmp_path / "teacher.pt")
+    manifests = Path(__file__).resolve().parents[1] / "manifests"
+    broken = run(
+        [console_script("fairseq-hydra-train"), "--config-name", "thin_deep",
+         f"task.data={os.path.relpath(manifests, tmp_path)}", "task.teacher_path=teacher.pt",
+         "common.fp16=false", "distributed_training.distributed_world_size=1", "hydra.run.dir=outputs/run"],
+        cwd=tmp_path, env=without("launch_relative_paths"), check=False,
+    )
+    assert broken.returncode != 0
+    assert "teacher checkpoint teacher.pt does not exist" in broken.stdout + broken.stderr
+
+
 # -- 6. common.user_dir naming the installed package ----------------------------------------------
 def test_user_dir_may_name_the_installed_package(tmp_path):
     snippet = (

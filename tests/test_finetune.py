@@ -97,8 +97,9 @@ def pipeline(tmp_path_factory) -> Dict[str, Any]:
     # 1. distil a 50 Hz and a 25 Hz student
     students = {"plain": ["model.time_reduction_factor=1"], "reduced": ["model.time_reduction_factor=2"]}
     run_parallel({
-        name: ([console_script("fairseq-hydra-train"), "--config-name", "thin_deep", f"task.data={MANIFESTS}",
-                f"task.teacher_path={teacher}", *TINY_STUDENT, *DISTILL_QUICK, *extra,
+        # paths relative to the launch folder, as in the README (hydra runs the job elsewhere)
+        name: ([console_script("fairseq-hydra-train"), "--config-name", "thin_deep",
+                f"task.data={os.path.relpath(MANIFESTS, work)}", f"task.teacher_path={teacher.name}", *TINY_STUDENT, *DISTILL_QUICK, *extra,
                 f"checkpoint.save_dir={work / name}", f"hydra.run.dir={work / name}"], work)
         for name, extra in students.items()
     })
@@ -118,7 +119,7 @@ def pipeline(tmp_path_factory) -> Dict[str, Any]:
     }
     finetune_out = run_parallel({
         run: ([console_script("fairseq-hydra-train"), "--config-name", "finetune_base_10h",
-               f"task.data={MANIFESTS}", f"model.w2v_path={student[source]}", *FINETUNE_QUICK, *extra,
+               f"task.data={MANIFESTS}", f"model.w2v_path={student[source].relative_to(work)}", *FINETUNE_QUICK, *extra,
                f"checkpoint.save_dir={work / 'ft' / run}", f"hydra.run.dir={work / 'ft' / run}"], work)
         for run, (source, extra) in runs.items()
     })
@@ -135,7 +136,7 @@ def pipeline(tmp_path_factory) -> Dict[str, Any]:
     jobs = {
         f"decode_{run}": ([console_script("fairseq-kd-infer"), "--config-name", "decode_viterbi",
                            f"task.data={decode_data}", "dataset.gen_subset=valid", "common.cpu=true",
-                           f"common_eval.path={finetuned[run]}", f"decoding.results_path={work / 'decode' / run}"], work)
+                           f"common_eval.path={finetuned[run].relative_to(work)}", f"decoding.results_path=decode/{run}"], work)
         for run in decoded
     }
     jobs["validate"] = ([console_script("fairseq-validate"), str(MANIFESTS), "--path", str(finetuned["w2v_frozen"]),

@@ -72,11 +72,38 @@ def check_flashlight(argv: list[str]) -> None:
         ) from None
 
 
+# infer.py runs inside hydra.run.dir (decode_*.yaml: the results folder), so relative paths on
+# the command line would be read from, and results written below, that folder
+RESULTS_PATH_KEYS = ("decoding.results_path", "common_eval.results_path")
+
+
+def absolute_paths(argv: list[str], launch_dir: str) -> list[str]:
+    """``key=value`` overrides of input paths that exist, and of the results folder, made absolute."""
+    from fairseq_kd_compat.fixes import INPUT_PATH_KEYS
+
+    out = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        bare = key.lstrip("+~")
+        if sep and value and not key.startswith("-") and not os.path.isabs(value):
+            if bare in RESULTS_PATH_KEYS:
+                arg = f"{key}={os.path.join(launch_dir, value)}"
+            elif bare in INPUT_PATH_KEYS:
+                parts = [
+                    os.path.join(launch_dir, p) if p and os.path.exists(os.path.join(launch_dir, p)) else p
+                    for p in value.split(os.pathsep)
+                ]
+                arg = f"{key}={os.pathsep.join(parts)}"
+        out.append(arg)
+    return out
+
+
 def main() -> None:
     if sys.argv[1:] == ["--conf-dir"]:
         print(infer_conf_dir())
         return
     check_flashlight(sys.argv[1:])
+    sys.argv[1:] = absolute_paths(sys.argv[1:], os.getcwd())
     alias_fairseq_examples()
     # As ``python infer.py``: hydra then resolves infer.py's own ``conf`` folder from its file.
     sys.argv[0] = "infer.py"
