@@ -156,6 +156,7 @@ setup(
         "soxr",
         "scikit-learn",  # k-means for HuBERT targets, as fairseq's simple_kmeans; EER via roc_curve
         "tqdm",
+        "matplotlib",  # the main job's training-curve and similarity plots (PNG, Agg backend)
     ],
     extras_require={
         # + the "export" extra: tests/test_export.py checks ONNX parity with onnxruntime; wheels
@@ -178,6 +179,7 @@ setup(
             "fairseq-kd-benchmark = fairseq_kd.cli.benchmark:main",
             "fairseq-kd-export = fairseq_kd.cli.export:main",
             "fairseq-kd-score = fairseq_kd.cli.score:main",
+            "fairseq-kd-report = fairseq_kd.cli.report:main",
             "fairseq-kd-prepare-asr = fairseq_kd.data.prepare_asr:main",
             "fairseq-kd-lexicon = fairseq_kd.data.lexicon:main",
             "fairseq-kd-make-corpus = fairseq_kd.data.mini_corpus:main",
