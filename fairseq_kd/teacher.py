@@ -32,12 +32,12 @@ from __future__ import annotations
 import inspect
 import logging
 import os
-import pickle
-import zipfile
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
+
+from fairseq_kd.checkpoints import read_fairseq_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -82,11 +82,6 @@ _FROZEN_MODEL_FIELDS = {
     "checkpoint_activations": False,
     "offload_activations": False,
 }
-
-# The two ways torch.save starts a file: a zip archive (torch >= 1.6) or the legacy pickle stream,
-# whose first record is the pickled magic number 0x1950a86a20f9469cfc6c (protocol 2).
-_ZIP_MAGIC = b"PK\x03\x04"
-_LEGACY_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)
 
 _HOW_TO_FIX = (
     "point the teacher path to a pre-trained fairseq HuBERT or wav2vec 2.0 checkpoint "
@@ -177,67 +172,6 @@ def _parse_dtype(dtype: Any) -> torch.dtype:
     if isinstance(dtype, str) and dtype.lower() in _DTYPES:
         return _DTYPES[dtype.lower()]
     raise TeacherError(f"teacher dtype must be one of 'fp32', 'bf16', 'fp16', not {dtype!r}")
-
-
-def _check_file(path: str) -> None:
-    """Cheap checks before anything is unpickled."""
-    if not os.path.exists(path):
-        raise TeacherError(f"teacher checkpoint {path} does not exist; {_HOW_TO_FIX}")
-    if not os.path.isfile(path):
-        raise TeacherError(f"teacher checkpoint {path} is not a file; {_HOW_TO_FIX}")
-    with open(path, "rb") as f:
-        head = f.read(len(_LEGACY_MAGIC))
-    if head.startswith(_ZIP_MAGIC):
-        _check_zip(path)
-    elif head != _LEGACY_MAGIC:
-        raise TeacherError(
-            f"teacher checkpoint {path} is not a PyTorch checkpoint (it starts with {head[:8]!r}); "
-            f"{_HOW_TO_FIX}"
-        )
-
-
-def _check_zip(path: str) -> None:
-    """Truncation and CRC check of a zip-format checkpoint (~0.25 s per GB).
-
-    ``torch.load`` verifies neither: a damaged tensor record loads as silently wrong weights.
-    """
-    if not zipfile.is_zipfile(path):  # the zip directory sits at the end: a cut-off file has none
-        raise TeacherError(
-            f"teacher checkpoint {path} is truncated (its zip directory is missing, as after an "
-            f"interrupted download or copy); download or copy it again"
-        )
-    try:
-        with zipfile.ZipFile(path) as archive:
-            damaged = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as error:
-        damaged = f"? ({error})"
-    if damaged is not None:
-        raise TeacherError(
-            f"teacher checkpoint {path} is corrupt (record {damaged} fails its CRC check); "
-            f"download or copy it again"
-        )
-
-
-def _read_checkpoint(path: str) -> Dict[str, Any]:
-    """fairseq's own reader (allow-listed unpickling, cfg upgrade, args -> cfg conversion)."""
-    from fairseq import checkpoint_utils
-
-    try:
-        state = checkpoint_utils.load_checkpoint_to_cpu(path)
-    except pickle.UnpicklingError as error:  # also the compat layer's refusal of unknown classes
-        raise TeacherError(f"cannot unpickle teacher checkpoint {path}: {error}") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
-        raise TeacherError(
-            f"cannot read teacher checkpoint {path} ({type(error).__name__}: {error}); the file is "
-            f"corrupt or truncated, download or copy it again"
-        ) from None
-    except (KeyError, TypeError, AttributeError) as error:
-        # _upgrade_state_dict indexes the training-state keys fairseq-train writes
-        raise TeacherError(
-            f"{path} is a PyTorch file but not a fairseq checkpoint (fairseq's loader failed with "
-            f"{type(error).__name__}: {error}); {_HOW_TO_FIX}"
-        ) from None
-    return state
 
 
 def _checkpoint_cfg(state: Dict[str, Any], path: str):
@@ -404,8 +338,7 @@ class FrozenTeacher:
         """Load a pre-trained ``hubert`` / ``wav2vec2`` fairseq checkpoint as a frozen teacher."""
         path = os.fspath(path)
         torch_dtype = _parse_dtype(dtype)
-        _check_file(path)
-        state = _read_checkpoint(path)
+        state = read_fairseq_checkpoint(path, f"teacher checkpoint {path}", _HOW_TO_FIX, TeacherError, require_cfg=False)
         cfg = _checkpoint_cfg(state, path)
         _freeze_cfg(cfg)
         model = _build_model(cfg, state, path)

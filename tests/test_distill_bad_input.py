@@ -159,7 +159,7 @@ CONFIG_CASES = [
     ("teacher_garbage_bytes", {}, "garbage", ["{teacher}", "is not a PyTorch checkpoint"]),
     ("teacher_truncated", {}, "truncated", ["{teacher}", "truncated", "download or copy it again"]),
     ("teacher_crc_damaged", {}, "damaged", ["{teacher}", "corrupt", "CRC", "download or copy it again"]),
-    ("teacher_plain_torch_file", {}, "plain_torch", ["{teacher}", "not a fairseq checkpoint"]),
+    ("teacher_plain_torch_file", {}, "plain_torch", ["{teacher}", "not a fairseq training checkpoint"]),
     ("teacher_without_weights", {}, "no_weights", ["{teacher}", "holds no model weights"]),
     ("teacher_fine_tuned_ctc", {}, "hubert_ctc", ["{teacher}", "fine-tuned CTC model (hubert_ctc)", "hubert_base_ls960.pt"]),
     ("teacher_wav2vec_1", {}, "wav2vec1", ["{teacher}", "'wav2vec' model", "hubert, wav2vec2"]),

@@ -446,7 +446,7 @@ def bad_inputs(exported) -> Dict[str, Tuple[Path, str]]:
         "missing": (work / "nowhere.pt", "does not exist", help_),
         "directory": (work, "is not a file", "give the checkpoint file itself"),
         "text": (text, "is not a PyTorch checkpoint", help_),
-        "truncated": (truncated, "corrupt or truncated", "copy it again"),
+        "truncated": (truncated, "is truncated", "copy it again"),
         "bare_torch": (bare, "not a fairseq training checkpoint", help_),
         "hubert_teacher": (make_hubert_checkpoint(work / "hubert.pt"), "holds a fairseq 'hubert' model: a teacher",
                            "Distil it first (fairseq-hydra-train --config-name thin_deep task.teacher_path="),

@@ -323,7 +323,7 @@ def _drop(*keys):
         (lambda src, dst: dst.write_bytes(b"this is not a checkpoint" * 10) and dst, "not a PyTorch checkpoint"),
         (lambda src, dst: dst.write_bytes(src.read_bytes()[: src.stat().st_size // 2]) and dst, "truncated"),
         (_flip_middle_bytes, "corrupt"),  # torch.load alone would load wrong weights silently
-        (lambda src, dst: torch.save({"weights": torch.zeros(2)}, dst) or dst, "not a fairseq checkpoint"),
+        (lambda src, dst: torch.save({"weights": torch.zeros(2)}, dst) or dst, "not a fairseq training checkpoint"),
         (lambda src, dst: rewrite_checkpoint(src, dst, _drop("model")), "no model weights"),
         (lambda src, dst: rewrite_checkpoint(src, dst, _drop("cfg", "args")), "neither a 'cfg' nor an 'args'"),
         (lambda src, dst: rewrite_checkpoint(src, dst, _edit_model_name("hubert_ctc")), "fine-tuned CTC model"),

@@ -18,15 +18,14 @@ model, a config the weights do not match, a missing, truncated or non-fairseq fi
 """
 
 import os
-import pickle
 import zipfile
 from dataclasses import dataclass, fields
 from typing import Any, Dict, Mapping
 
 import torch
 
+from fairseq_kd import checkpoints
 from fairseq_kd.models.thin_hubert import ThinHubertConfig, ThinHubertModel, check_config
-from fairseq_kd.tasks.kd_finetuning import LEGACY_TORCH_MAGIC, ZIP_MAGIC
 
 STUDENT_MODELS = ("thin_hubert", "thin_hubert_w2v")
 CTC_MODELS = ("hubert_ctc", "wav2vec_ctc")
@@ -55,49 +54,15 @@ class LoadedStudent:
 
 def read_fairseq_checkpoint(path: str) -> Dict[str, Any]:
     """fairseq's own loader (legacy ``args`` upgraded to ``cfg``), with errors that name the file."""
-    from fairseq import checkpoint_utils
-
     path = os.fspath(path)
-    if not os.path.exists(path):
-        raise ExportInputError(f"{path} does not exist: {EXPORT_HELP}")
-    if not os.path.isfile(path):
-        raise ExportInputError(f"{path} is not a file: give the checkpoint file itself ({EXPORT_HELP})")
-    with open(path, "rb") as f:
-        head = f.read(len(LEGACY_TORCH_MAGIC))
-    if not (head.startswith(ZIP_MAGIC) or head == LEGACY_TORCH_MAGIC):
-        hint = ""
-        if head.startswith(b"\x08") or path.endswith(".onnx"):
-            hint = " (an ONNX model? export from the fairseq checkpoint instead)"
-        raise ExportInputError(
-            f"{path} is not a PyTorch checkpoint (it starts with {head[:8]!r}){hint}: {EXPORT_HELP}"
-        )
-    if head.startswith(ZIP_MAGIC) and _is_standalone_archive(path):
+    if os.path.isfile(path) and _is_standalone_archive(path):
         raise ExportInputError(
             f"{path} is already a standalone student written by fairseq-kd-export (load it with "
             f"fairseq_kd/s3prl_upstream/runtime.py); to export again, {EXPORT_HELP}"
         )
-    try:
-        state = checkpoint_utils.load_checkpoint_to_cpu(path)
-    except pickle.UnpicklingError as error:  # includes the compat layer's refusal of unknown globals
-        raise ExportInputError(f"{path} cannot be unpickled: {str(error)[:300]}") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
-        raise ExportInputError(
-            f"{path} cannot be read ({type(error).__name__}: {str(error)[:200]}); the file is corrupt "
-            f"or truncated: copy it again"
-        ) from None
-    except (KeyError, TypeError, AttributeError, ValueError) as error:
-        # fairseq's _upgrade_state_dict indexes the keys a fairseq training checkpoint has
-        raise ExportInputError(
-            f"{path} is a PyTorch file but not a fairseq training checkpoint (fairseq's loader failed "
-            f"with {type(error).__name__}: {str(error)[:200]}): {EXPORT_HELP}"
-        ) from None
-    cfg = state.get("cfg") if isinstance(state, dict) else None
-    if not isinstance(state, dict) or not isinstance(state.get("model"), Mapping) or cfg is None or cfg.get("model") is None:
-        raise ExportInputError(
-            f"{path} is a PyTorch file but not a fairseq training checkpoint (no 'model' weights with "
-            f"a 'cfg'/'args' describing them): {EXPORT_HELP}"
-        )
-    return state
+    if os.path.isfile(path) and path.endswith(".onnx"):
+        raise ExportInputError(f"{path} is an ONNX model: export from the fairseq checkpoint instead; {EXPORT_HELP}")
+    return checkpoints.read_fairseq_checkpoint(path, path, EXPORT_HELP, ExportInputError)
 
 
 def _is_standalone_archive(path: str) -> bool:

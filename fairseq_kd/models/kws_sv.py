@@ -49,6 +49,7 @@ from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.models import BaseFairseqModel, register_model
 from fairseq.modules import GradMultiply
 
+from fairseq_kd.checkpoints import read_fairseq_checkpoint
 from fairseq_kd.data.kws_sv import launch_path
 from fairseq_kd.teacher import _masked_group_norm, conv_output_lengths, frames_padding_mask
 
@@ -134,31 +135,14 @@ class KwsSvModelConfig(FairseqDataclass):
 # -- the encoder checkpoint --------------------------------------------------------------------------
 def read_encoder_checkpoint(path: str) -> Dict[str, Any]:
     """Load ``model.w2v_path`` with fairseq's reader; errors say what to pass instead."""
-    from fairseq import checkpoint_utils
-
-    from fairseq_kd.tasks.kd_finetuning import LEGACY_TORCH_MAGIC, ZIP_MAGIC
-
     key = "model.w2v_path"
     if path in (None, "", "???"):
         raise KwsSvModelError(f"{key} is not set: give a distilled student (or HuBERT / wav2vec 2.0) checkpoint")
-    if not os.path.isfile(path):
-        raise KwsSvModelError(
-            f"{key}={path} does not exist or is not a file: give the distilled student's checkpoint_last.pt "
-            f"/ checkpoint_best.pt, or a fairseq HuBERT / wav2vec 2.0 checkpoint"
-        )
-    with open(path, "rb") as f:
-        head = f.read(len(LEGACY_TORCH_MAGIC))
-    if not (head.startswith(ZIP_MAGIC) or head == LEGACY_TORCH_MAGIC):
-        raise KwsSvModelError(f"{key}={path} is not a PyTorch checkpoint (it starts with {head[:8]!r})")
-    try:
-        state = checkpoint_utils.load_checkpoint_to_cpu(path)
-    except Exception as error:  # fairseq's reader raises many kinds; say which file and why
-        raise KwsSvModelError(
-            f"{key}={path} cannot be read as a fairseq checkpoint ({type(error).__name__}: {str(error)[:200]})"
-        ) from None
-    cfg = state.get("cfg") if isinstance(state, dict) else None
-    if cfg is None or cfg.get("model") is None or not isinstance(state.get("model"), dict):
-        raise KwsSvModelError(f"{key}={path} is not a fairseq training checkpoint (no model weights with a cfg)")
+    state = read_fairseq_checkpoint(
+        path, f"{key}={path}", "give the distilled student's checkpoint_last.pt / checkpoint_best.pt, "
+        "or a fairseq HuBERT / wav2vec 2.0 checkpoint", KwsSvModelError,
+    )
+    cfg = state["cfg"]
     name = cfg.model.get("_name", None)
     if "w2v_path" in cfg.model or "w2v_args" in cfg.model:
         raise KwsSvModelError(

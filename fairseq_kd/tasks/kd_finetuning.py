@@ -34,8 +34,6 @@ teacher. What the task adds, all before the first training step:
 
 import logging
 import os
-import pickle
-import zipfile
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -48,6 +46,8 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.audio_finetuning import AudioFinetuningConfig, AudioFinetuningTask
 
+from fairseq_kd.checkpoints import read_fairseq_checkpoint
+
 logger = logging.getLogger(__name__)
 
 CTC_LENGTH_CHECK_CHOICES = ChoiceEnum(["warn", "error", "skip", "off"])
@@ -58,8 +58,6 @@ PRETRAINED_MODELS = {
     "wav2vec_ctc": ("thin_hubert", "thin_hubert_w2v", "wav2vec2", "data2vec_audio"),
 }
 SHOWN_EXAMPLES = 5
-ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default (zip) format
-LEGACY_TORCH_MAGIC = pickle.dumps(0x1950A86A20F9469CFC6C, protocol=2)  # torch's pre-1.6 format
 
 
 class FinetuneInputError(ValueError):
@@ -371,46 +369,14 @@ def check_pretrained_checkpoint(ctc_model: str, path: str, normalize: bool):
 
     Returns the checkpoint's config.
     """
-    from fairseq import checkpoint_utils
-
     key = "model.w2v_path"
     if path in (None, "", "???"):
         raise FinetuneInputError(f"{key} is not set: give the distilled student (or HuBERT / wav2vec 2.0) checkpoint")
-    if not os.path.exists(path):
-        raise FinetuneInputError(
-            f"{key}={path} does not exist: give the distilled student's checkpoint_best.pt / checkpoint_last.pt"
-        )
-    if not os.path.isfile(path):
-        raise FinetuneInputError(f"{key}={path} is not a file: give the checkpoint file itself")
-    with open(path, "rb") as f:
-        head = f.read(len(LEGACY_TORCH_MAGIC))
-    if not (head.startswith(ZIP_MAGIC) or head == LEGACY_TORCH_MAGIC):
-        raise FinetuneInputError(
-            f"{key}={path} is not a PyTorch checkpoint (it starts with {head[:8]!r}): give the "
-            f"distilled student's checkpoint_*.pt"
-        )
-    try:
-        state = checkpoint_utils.load_checkpoint_to_cpu(path)
-    except pickle.UnpicklingError as error:  # includes the compat layer's refusal of unknown globals
-        raise FinetuneInputError(f"{key}={path} cannot be unpickled: {error}") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as error:
-        raise FinetuneInputError(
-            f"{key}={path} cannot be read ({type(error).__name__}: {str(error)[:200]}); the file is "
-            f"corrupt or truncated: copy it again"
-        ) from None
-    except (KeyError, TypeError, AttributeError, ValueError) as error:
-        # fairseq's _upgrade_state_dict indexes the keys a fairseq training checkpoint has
-        raise FinetuneInputError(
-            f"{key}={path} is a PyTorch file but not a fairseq training checkpoint (fairseq's loader "
-            f"failed with {type(error).__name__}: {str(error)[:200]}); give the checkpoint_*.pt "
-            f"written by fairseq-hydra-train"
-        ) from None
-    cfg = state.get("cfg") if isinstance(state, dict) else None
-    if not isinstance(state, dict) or not isinstance(state.get("model"), dict) or cfg is None or cfg.get("model") is None:
-        raise FinetuneInputError(
-            f"{key}={path} is a PyTorch file but not a fairseq training checkpoint (no 'model' weights "
-            f"with a 'cfg'/'args' describing them)"
-        )
+    state = read_fairseq_checkpoint(
+        path, f"{key}={path}", "give the distilled student's checkpoint_best.pt / checkpoint_last.pt "
+        "(or a pre-trained HuBERT / wav2vec 2.0 checkpoint)", FinetuneInputError,
+    )
+    cfg = state["cfg"]
     name = cfg.model.get("_name", None)
     if "w2v_path" in cfg.model or "w2v_args" in cfg.model:
         source = cfg.model.get("w2v_path", None)
