@@ -31,7 +31,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import logging
-import math
 import os
 import platform
 import statistics
@@ -474,7 +473,8 @@ def loader_section(cfg: BenchmarkConfig, work_dir: str) -> Dict[str, Any]:
 
     rows: Dict[str, Any] = {}
     for preset in cfg.presets:
-        overrides = [o for o in training_overrides(cfg, preset, torch.device("cpu"), work_dir) if not o.startswith("task.data=")]
+        overrides = training_overrides(cfg, preset, torch.device("cpu"), work_dir)
+        overrides = [o for o in overrides if not o.startswith("task.data=")]
         train_cfg = compose_preset(preset, overrides + [f"task.data={cfg.manifest}", "task.validate_audio=false"])
         task = tasks.setup_task(train_cfg.task)
         task.load_dataset(cfg.split)
@@ -851,7 +851,8 @@ def format_report(result: Mapping[str, Any]) -> str:
         for name, row in mem["rows"].items():
             if name != "teacher_forward":
                 lines.append(f"  {name + ' update':<22}{row['peak_over_base_mb']:9.0f} MB  "
-                             f"(step itself {row['step_peak_mb']:.0f} MB)  {row['ratio_to_teacher_forward']:.2f}x the teacher forward")
+                             f"(step itself {row['step_peak_mb']:.0f} MB)  "
+                             f"{row['ratio_to_teacher_forward']:.2f}x the teacher forward")
     if "scaling" in result:
         sc = result["scaling"]
         names = list(next(iter(sc["lengths"].values())))

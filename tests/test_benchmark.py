@@ -20,6 +20,7 @@ from fairseq_checkpoints import make_hubert_checkpoint
 
 # a HuBERT-Base-shaped teacher and the two presets, shrunk in width and depth
 TINY = [
+    "--threads", "1",  # tiny models are all small ops: a second OpenMP thread on busy cores only waits
     "--batch", "1", "--seconds", "0.5", "--lengths", "0.5", "1", "--repeats", "2", "--warmup", "1",
     "--teacher-override", "encoder_layers=2", "encoder_embed_dim=64", "encoder_ffn_embed_dim=128",
     "encoder_attention_heads=4", "conv_feature_layers=[(64,10,5)] + [(64,3,2)] * 4 + [(64,2,2)] * 2",
@@ -30,6 +31,17 @@ TINY = [
 ]
 PRESETS = ("thin_deep", "distilhubert")
 LOADER = ["--manifest", str(MANIFESTS), "--split", "valid", "--loader-workers", "0", "1"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """The in-process tests too (restored afterwards for the rest of the session)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def positive(x) -> bool:
@@ -136,7 +148,7 @@ def test_distillation_step_reads_the_device_once(preset, monkeypatch):
 
     from fairseq_kd import benchmark
 
-    overrides = [o for o in TINY[TINY.index("--override") + 1:]]
+    overrides = TINY[TINY.index("--override") + 1:]
     teacher_overrides = TINY[TINY.index("--teacher-override") + 1:TINY.index("--override")]
     cfg = benchmark.BenchmarkConfig(batch=2, seconds=0.5, teacher_overrides=teacher_overrides, overrides=overrides)
     teacher = benchmark.build_teacher(teacher_overrides)
