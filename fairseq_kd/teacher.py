@@ -272,13 +272,43 @@ def _build_model(cfg, state: Dict[str, Any], path: str) -> nn.Module:
     return model
 
 
-def _conv_specs(model: nn.Module) -> List[Tuple[int, int, int]]:
-    """``(dim, kernel, stride)`` of each CNN layer, read from the built convs."""
+def conv_specs(model: nn.Module) -> List[Tuple[int, int, int]]:
+    """``(dim, kernel, stride)`` of each CNN layer of a wav2vec 2.0 / HuBERT / thin_hubert model, read
+    from its built ``feature_extractor`` (the first module of every block is its Conv1d)."""
     specs = []
     for block in model.feature_extractor.conv_layers:
         conv = block[0]
         specs.append((conv.out_channels, conv.kernel_size[0], conv.stride[0]))
     return specs
+
+
+def padding_exact_cnn(
+    model: nn.Module,
+    specs: Sequence[Tuple[int, int, int]],
+    source: Tensor,
+    lengths: Optional[Tensor],
+    padded: Optional[bool] = None,
+) -> Tensor:
+    """fairseq's CNN with the GroupNorm of the first layer over each row's own frames:
+    (B, S) -> (B, C, T). fairseq lets the padded zeros into those statistics, so a padded row would
+    differ from the utterance alone.
+
+    ``padded``: whether any row is shorter than S (computed from ``lengths`` if not given).
+    """
+    x = source.unsqueeze(1)  # (B, 1, S)
+    if padded is None:
+        padded = lengths is not None and bool((lengths < source.size(1)).any())
+    frame_lengths = lengths
+    for block, spec in zip(model.feature_extractor.conv_layers, specs):
+        if padded:
+            frame_lengths = conv_output_lengths(frame_lengths, [spec])
+        for module in block:
+            if padded and isinstance(module, nn.GroupNorm):
+                # per-channel statistics over time must not see the padded frames
+                x = _masked_group_norm(x, frame_lengths, module)
+            else:
+                x = module(x)
+    return x
 
 
 def _masked_group_norm(x: Tensor, lengths: Tensor, norm: nn.GroupNorm) -> Tensor:
@@ -326,7 +356,7 @@ class FrozenTeacher:
         self.cfg = cfg
         self.num_layers: int = len(model.encoder.layers)
         self.embed_dim: int = int(model.encoder.embedding_dim)
-        self.conv_layers: List[Tuple[int, int, int]] = _conv_specs(model)
+        self.conv_layers: List[Tuple[int, int, int]] = conv_specs(model)
         self.dtype = dtype
         self.device = torch.device("cpu")
         self._freeze()
@@ -473,20 +503,7 @@ class FrozenTeacher:
 
         ``padded``: whether any row is shorter than S (computed from ``lengths`` if not given).
         """
-        x = source.unsqueeze(1)  # (B, 1, S)
-        if padded is None:
-            padded = lengths is not None and bool((lengths < source.size(1)).any())
-        frame_lengths = lengths
-        for block, spec in zip(self.model.feature_extractor.conv_layers, self.conv_layers):
-            if padded:
-                frame_lengths = conv_output_lengths(frame_lengths, [spec])
-            for module in block:
-                if padded and isinstance(module, nn.GroupNorm):
-                    # per-channel statistics over time must not see the padded frames
-                    x = _masked_group_norm(x, frame_lengths, module)
-                else:
-                    x = module(x)
-        return x
+        return padding_exact_cnn(self.model, self.conv_layers, source, lengths, padded)
 
     def forward_projection(self, features: Tensor) -> Tensor:
         """(B, C, T) CNN features -> (B, T, D) after ``layer_norm`` and ``post_extract_proj``."""

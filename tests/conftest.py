@@ -59,6 +59,44 @@ def train_logs(stdout: str) -> List[dict]:
     return json_logs(stdout, "train_inner")
 
 
+def compose_preset(name: str, overrides: List[str]) -> Dict[str, object]:
+    """A preset composed as ``fairseq-hydra-train --config-name NAME`` does, as plain containers."""
+    import fairseq
+    from fairseq.dataclass.initialize import add_defaults, hydra_init
+    from fairseq.dataclass.utils import omegaconf_no_object_check
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.experimental import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    import fairseq_kd  # noqa: F401  (registers the plugin's tasks, models and criterions)
+
+    hydra_init(name)  # FairseqConfig under the preset's name, as hydra_train.cli_main does
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(Path(fairseq.__file__).parent / "config")):
+            cfg = compose(name, overrides=overrides)
+    finally:
+        GlobalHydra.instance().clear()
+    add_defaults(cfg)
+    with omegaconf_no_object_check():
+        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+
+
+def edited_cfg(base: Dict[str, object], edits: Dict[str, object]):
+    """A composed preset with ``{"group.key": value}`` edits, as hydra_train's plain struct config."""
+    import copy
+
+    from omegaconf import OmegaConf
+
+    plain = copy.deepcopy(base)
+    for key, value in edits.items():
+        group, name = key.split(".", 1)
+        plain[group][name] = value
+    cfg = OmegaConf.create(plain)
+    OmegaConf.set_struct(cfg, True)
+    return cfg
+
+
 def python_snippet(code: str, **kwargs) -> subprocess.CompletedProcess:
     return run([sys.executable, "-c", code], **kwargs)
 

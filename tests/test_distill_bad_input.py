@@ -18,7 +18,6 @@ parallel) show that the error reaches the user that way, with no ``train_inner``
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import re
@@ -30,9 +29,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from omegaconf import OmegaConf
 
-from conftest import REPO, console_script
+from conftest import REPO, compose_preset, console_script, edited_cfg
 from fairseq_checkpoints import make_hubert_checkpoint, rewrite_checkpoint
 from fairseq_kd.data.audio_checks import ManifestError, validated_manifest
 from fairseq_kd.teacher import TeacherError
@@ -52,40 +50,14 @@ GOOD_LENGTHS = (17_000, 17_001, 17_002)  # above thin_deep's min_sample_size (16
 @pytest.fixture(scope="module")
 def base_cfg() -> Dict[str, Any]:
     """thin_deep + the tiny student, composed as fairseq-hydra-train does; teacher_path left '???'."""
-    import fairseq
-    from fairseq.dataclass.initialize import add_defaults, hydra_init
-    from fairseq.dataclass.utils import omegaconf_no_object_check
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.experimental import compose, initialize_config_dir
-
-    hydra_init("thin_deep")  # FairseqConfig under the preset's name, as hydra_train.cli_main does
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(Path(fairseq.__file__).parent / "config")):
-            cfg = compose("thin_deep", overrides=[*CPU, *TINY_STUDENT, f"task.data={REPO / 'manifests'}"])
-    finally:
-        GlobalHydra.instance().clear()
-    add_defaults(cfg)
-    with omegaconf_no_object_check():
-        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
-
-
-def make_cfg(base: Dict[str, Any], edits: Dict[str, Any]):
-    """The base config with ``{"group.key": value}`` edits, as hydra_train's plain struct config."""
-    plain = copy.deepcopy(base)
-    for key, value in edits.items():
-        group, name = key.split(".", 1)
-        plain[group][name] = value
-    cfg = OmegaConf.create(plain)
-    OmegaConf.set_struct(cfg, True)
-    return cfg
+    return compose_preset("thin_deep", [*CPU, *TINY_STUDENT, f"task.data={REPO / 'manifests'}"])
 
 
 def build(base: Dict[str, Any], edits: Dict[str, Any]):
     """What fairseq_cli.train.main does before the datasets: task, model (loads the teacher), criterion."""
     from fairseq import tasks
 
-    cfg = make_cfg(base, edits)
+    cfg = edited_cfg(base, edits)
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
     criterion = task.build_criterion(cfg.criterion)
@@ -273,7 +245,7 @@ def test_bad_row_stops_the_task_loader(base_cfg, tmp_path, audio):
     from fairseq import tasks
 
     write_tsv(tmp_path / "valid.tsv", audio, [GOOD_ROW, ("rate8k.flac", 8_500)])
-    task = tasks.setup_task(make_cfg(base_cfg, {"task.data": str(tmp_path)}).task)
+    task = tasks.setup_task(edited_cfg(base_cfg, {"task.data": str(tmp_path)}).task)
     expected = f"{tmp_path}/valid.tsv:3: {audio}/rate8k.flac is 8000 Hz but task.sample_rate is 16000"
     with pytest.raises(ManifestError, match="^" + re.escape(expected)):
         task.load_dataset("valid")
@@ -299,7 +271,7 @@ def test_skip_bad_rows_keeps_exactly_the_good_rows(base_cfg, tmp_path, audio, ca
     ]
     tsv = write_tsv(tmp_path / "train.tsv", audio, rows)
     original = tsv.read_text()
-    task = tasks.setup_task(make_cfg(base_cfg, {"task.data": str(tmp_path), "task.skip_bad_rows": True}).task)
+    task = tasks.setup_task(edited_cfg(base_cfg, {"task.data": str(tmp_path), "task.skip_bad_rows": True}).task)
     with caplog.at_level(logging.WARNING, logger="fairseq_kd.data.audio_checks"):
         task.load_dataset("train")
 

@@ -19,7 +19,6 @@ makes before the first step (``setup_task``, ``build_model``, ``load_dataset``).
 
 from __future__ import annotations
 
-import copy
 import logging
 import os
 import re
@@ -33,9 +32,8 @@ from typing import Any, Dict, List, Tuple
 import numpy as np
 import pytest
 import torch
-from omegaconf import OmegaConf
 
-from conftest import CPU, MANIFESTS, console_script, json_logs, train_logs
+from conftest import CPU, MANIFESTS, compose_preset, console_script, edited_cfg, json_logs, train_logs
 from fairseq_checkpoints import make_hubert_checkpoint, make_wav2vec2_checkpoint
 
 TINY_STUDENT = [
@@ -224,36 +222,14 @@ def test_encoder_frozen_or_finetuned(pipeline):
 @pytest.fixture(scope="module")
 def base_cfg() -> Dict[str, Any]:
     """finetune_base_10h with the CPU/quick overrides, composed as fairseq-hydra-train does."""
-    import fairseq
-    from fairseq.dataclass.initialize import add_defaults, hydra_init
-    from fairseq.dataclass.utils import omegaconf_no_object_check
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.experimental import compose, initialize_config_dir
-
-    import fairseq_kd  # noqa: F401  (registers kd_audio_finetuning, thin_hubert)
-
-    hydra_init("finetune_base_10h")
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(Path(fairseq.__file__).parent / "config")):
-            cfg = compose("finetune_base_10h", overrides=[*FINETUNE_QUICK, f"task.data={MANIFESTS}"])
-    finally:
-        GlobalHydra.instance().clear()
-    add_defaults(cfg)
-    with omegaconf_no_object_check():
-        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return compose_preset("finetune_base_10h", [*FINETUNE_QUICK, f"task.data={MANIFESTS}"])
 
 
 def build(base: Dict[str, Any], edits: Dict[str, Any], split: str = "valid"):
     """setup_task + build_model + load_dataset, as fairseq_cli.train.main before the first step."""
     from fairseq import tasks
 
-    plain = copy.deepcopy(base)
-    for key, value in edits.items():
-        group, name = key.split(".", 1)
-        plain[group][name] = value
-    cfg = OmegaConf.create(plain)
-    OmegaConf.set_struct(cfg, True)
+    cfg = edited_cfg(base, edits)
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)
     if split:

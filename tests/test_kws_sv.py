@@ -13,7 +13,6 @@ End to end (the real console scripts, two runs in parallel):
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import os
@@ -26,9 +25,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
-from omegaconf import OmegaConf
 
-from conftest import CPU, MANIFESTS, console_script, json_logs
+from conftest import CPU, MANIFESTS, compose_preset, console_script, edited_cfg, json_logs
 from fairseq_checkpoints import make_hubert_checkpoint, make_wav2vec2_checkpoint
 
 KEYWORDS = MANIFESTS / "keywords"
@@ -142,36 +140,14 @@ def encoder_ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def base_cfg() -> Dict[str, Any]:
-    import fairseq
-    from fairseq.dataclass.initialize import add_defaults, hydra_init
-    from fairseq.dataclass.utils import omegaconf_no_object_check
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.experimental import compose, initialize_config_dir
-
-    import fairseq_kd  # noqa: F401
-
-    hydra_init("kws_sv_joint")
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(Path(fairseq.__file__).parent / "config")):
-            cfg = compose("kws_sv_joint", overrides=[*CPU, f"task.data={KEYWORDS}", *SMALL_HEADS])
-    finally:
-        GlobalHydra.instance().clear()
-    add_defaults(cfg)
-    with omegaconf_no_object_check():
-        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return compose_preset("kws_sv_joint", [*CPU, f"task.data={KEYWORDS}", *SMALL_HEADS])
 
 
 def build(base: Dict[str, Any], edits: Dict[str, Any], splits=("valid",)):
     """setup_task + load_dataset + build_model + build_criterion, as fairseq_cli.train.main."""
     from fairseq import tasks
 
-    plain = copy.deepcopy(base)
-    for key, value in edits.items():
-        group, name = key.split(".", 1)
-        plain[group][name] = value
-    cfg = OmegaConf.create(plain)
-    OmegaConf.set_struct(cfg, True)
+    cfg = edited_cfg(base, edits)
     task = tasks.setup_task(cfg.task)
     for split in splits:
         task.load_dataset(split)

@@ -34,7 +34,6 @@ the weighted sum and the padding mask are those of the CNN rate.
 import contextlib
 import inspect
 import logging
-import os
 from argparse import Namespace
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -51,7 +50,7 @@ from fairseq.modules import GradMultiply
 
 from fairseq_kd.checkpoints import read_fairseq_checkpoint
 from fairseq_kd.data.kws_sv import launch_path
-from fairseq_kd.teacher import _masked_group_norm, conv_output_lengths, frames_padding_mask
+from fairseq_kd.teacher import conv_specs, frames_padding_mask, padding_exact_cnn
 
 logger = logging.getLogger(__name__)
 
@@ -217,30 +216,6 @@ def build_encoder(w2v_args, state: Optional[Dict[str, Any]]) -> nn.Module:
 
 
 # -- hidden states -----------------------------------------------------------------------------------
-def conv_specs(model: nn.Module) -> List[Tuple[int, int, int]]:
-    return [(b[0].out_channels, b[0].kernel_size[0], b[0].stride[0]) for b in model.feature_extractor.conv_layers]
-
-
-def padding_exact_cnn(model: nn.Module, specs, source: torch.Tensor, lengths: Optional[torch.Tensor]) -> torch.Tensor:
-    """fairseq's CNN with the first layer's GroupNorm over each row's own frames: (B, S) -> (B, C, T).
-
-    fairseq lets the padded zeros into those statistics, so an utterance's embedding would depend
-    on the batch it is scored in.
-    """
-    x = source.unsqueeze(1)
-    padded = lengths is not None and bool((lengths < source.size(1)).any())
-    frame_lengths = lengths
-    for block, spec in zip(model.feature_extractor.conv_layers, specs):
-        if padded:
-            frame_lengths = conv_output_lengths(frame_lengths, [spec])
-        for module in block:
-            if padded and isinstance(module, nn.GroupNorm):
-                x = _masked_group_norm(x, frame_lengths, module)
-            else:
-                x = module(x)
-    return x
-
-
 def fairseq_hidden_states(
     model: nn.Module,
     specs,

@@ -47,6 +47,7 @@ from fairseq.tasks import register_task
 from fairseq.tasks.audio_finetuning import AudioFinetuningConfig, AudioFinetuningTask
 
 from fairseq_kd.checkpoints import read_fairseq_checkpoint
+from fairseq_kd.teacher import conv_specs
 
 logger = logging.getLogger(__name__)
 
@@ -177,16 +178,6 @@ class KDAudioFinetuningTask(AudioFinetuningTask):
 
 
 # -- CTC lengths ---------------------------------------------------------------------------------
-def conv_specs(model: torch.nn.Module) -> List[Tuple[int, int]]:
-    """(kernel, stride) of each CNN layer of a wav2vec 2.0 / HuBERT / thin_hubert model, read from
-    its built ``feature_extractor`` (the first module of every block is its Conv1d)."""
-    specs = []
-    for block in model.feature_extractor.conv_layers:
-        conv = block[0]
-        specs.append((conv.kernel_size[0], conv.stride[0]))
-    return specs
-
-
 def time_reduction_factor(model: torch.nn.Module) -> int:
     cfg = getattr(model, "cfg", None)
     factor = getattr(cfg, "time_reduction_factor", None) if cfg is not None else None
@@ -202,7 +193,7 @@ def output_frames_fn(model: torch.nn.Module, sample_rate: int) -> Tuple[Callable
     thin_hubert keeps ``ceil(T / r)`` frames (a reduced frame is padding only if all its source
     frames are), so an utterance alone and in a padded batch gets the same count.
     """
-    specs = conv_specs(model)
+    specs = [(kernel, stride) for _, kernel, stride in conv_specs(model)]
     factor = time_reduction_factor(model)
 
     def frames(samples: np.ndarray) -> np.ndarray:
