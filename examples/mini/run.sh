@@ -44,7 +44,7 @@ train() {  # train NAME CONFIG OVERRIDES...: fairseq-hydra-train; full log in NA
 side_by_side() {  # side_by_side "NAME CONFIG OVERRIDES..." ...: one process per run, one thread each
   local pids=() spec pid failed=0
   for spec in "$@"; do
-    eval "set -- $spec"
+    eval "set -- ${spec//$'\n'/ }"  # the specs span lines for reading
     (export OMP_NUM_THREADS=1; train "$@") & pids+=($!)
   done
   for pid in "${pids[@]}"; do wait "$pid" || failed=1; done
@@ -57,8 +57,8 @@ step "1/6 MFCC k-means targets"
 
 step "2/6 HuBERT teacher (fairseq hubert_pretraining, 3 x 96, $U_TEACHER updates)"
 train teacher hubert_mini_teacher "task.data=$DATA" "task.label_dir=$OUT/labels" \
-  "optimization.max_update=$U_TEACHER" "lr_scheduler.warmup_updates=$((U_TEACHER / 12))" \
-  common.log_interval=50 "dataset.validate_interval_updates=$U_TEACHER"
+  "optimization.max_update=$U_TEACHER" "lr_scheduler.warmup_updates=$((U_TEACHER * 2 / 25))" \
+  common.log_interval=50 "dataset.validate_interval_updates=$U_TEACHER" "checkpoint.save_interval_updates=$U_TEACHER"
 TEACHER="$OUT/teacher/checkpoint_last.pt"
 
 step "3/6 distil thin_deep (FitHuBERT shape: thin CNN, 6 x 64, x2 time reduction, hints) and distilhubert (teacher CNN + 1 x 96, heads), $U_DISTIL updates"
@@ -98,5 +98,6 @@ for model in teacher thin_deep distilhubert; do
 done
 
 step "6/6 results: size, compute, CPU time vs the teacher, similarity, WER/CER; plots"
-"$BIN/fairseq-kd-report" "$OUT" --data "$DATA" --split test
+"$BIN/fairseq-kd-report" "$OUT" --data "$DATA" --split test 2> "$OUT/report.log" \
+  || { echo "the report failed; the end of $OUT/report.log:"; tail -n 20 "$OUT/report.log"; exit 1; }
 echo "total ${SECONDS}s; everything is under $OUT"
