@@ -45,21 +45,6 @@ class Trial:
     line: int  # 1-based line in the trial file
 
 
-def launch_path(path: str) -> str:
-    """A relative path as the user meant it: fairseq-hydra-train runs in ``hydra.run.dir`` (hydra 1.0
-    changes the working directory), so a path that does not exist there is looked up in the
-    directory the command was started from."""
-    if not path or os.path.isabs(path) or os.path.exists(path):
-        return path
-    try:
-        from hydra.utils import get_original_cwd
-
-        candidate = os.path.join(get_original_cwd(), path)
-    except (ImportError, ValueError):  # not inside a hydra job
-        return path
-    return candidate if os.path.exists(candidate) else path
-
-
 # -- labels ----------------------------------------------------------------------------------------
 def read_keywords(dict_path: str) -> List[str]:
     """The keyword classes of ``dict.kw.txt`` in file order (``word`` or ``word count`` per line)."""

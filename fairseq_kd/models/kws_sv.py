@@ -49,7 +49,6 @@ from fairseq.models import BaseFairseqModel, register_model
 from fairseq.modules import GradMultiply
 
 from fairseq_kd.checkpoints import read_fairseq_checkpoint
-from fairseq_kd.data.kws_sv import launch_path
 from fairseq_kd.teacher import conv_specs, frames_padding_mask, padding_exact_cnn
 
 logger = logging.getLogger(__name__)
@@ -374,8 +373,6 @@ class KwsSvModel(BaseFairseqModel):
     def build_model(cls, cfg: KwsSvModelConfig, task):
         normalize = bool(task.cfg.normalize)
         if cfg.w2v_args is None:
-            with open_dict(cfg):
-                cfg.w2v_path = launch_path(cfg.w2v_path)
             state = read_encoder_checkpoint(cfg.w2v_path)
             w2v_args = state["cfg"]
             trained_normalize = bool(w2v_args.task.get("normalize", w2v_args.model.get("normalize", False)))
