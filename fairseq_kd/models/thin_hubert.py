@@ -721,6 +721,10 @@ class ThinHubertModel(BaseFairseqModel):
         output_layer: Optional[int] = None,
     ) -> Dict[str, Any]:
         """CNN + encoder without the distillation heads; ``output_layer`` stops early."""
+        if output_layer is not None and not 0 <= output_layer <= len(self.encoder.layers):
+            raise ValueError(
+                f"layer must be in [0, {len(self.encoder.layers)}] or None, got {output_layer}"
+            )
         features = self.forward_features(source)
         # features: (B, C, T) -> (B, T, C)
         features = features.transpose(1, 2)
@@ -803,10 +807,6 @@ class ThinHubertModel(BaseFairseqModel):
         selects ``hidden_states[layer]`` (0 = CNN feature, l = transformer layer l) at
         its own rate; extra keyword arguments (e.g. ``ret_conv``) are ignored.
         """
-        if layer is not None and not 0 <= layer <= len(self.encoder.layers):
-            raise ValueError(
-                f"layer must be in [0, {len(self.encoder.layers)}] or None, got {layer}"
-            )
         res = self.encode(source, padding_mask=padding_mask, mask=mask, output_layer=layer)
         return res["x"], res["padding_mask"]
 

@@ -48,8 +48,6 @@ class ThinHubertW2vModel(ThinHubertModel):
         (as ``ThinHubertModel.extract_features``), ``features`` (B, T, D) the post-projection CNN
         feature and ``layer_results`` [(T_l, B, D), None, None] per transformer layer.
         """
-        if layer is not None and not 0 <= layer <= len(self.encoder.layers):
-            raise ValueError(f"layer must be in [0, {len(self.encoder.layers)}] or None, got {layer}")
         res = self.encode(source, padding_mask=padding_mask, mask=mask, output_layer=layer)
         hidden_states = res["hidden_states"]
         return {
