@@ -61,25 +61,9 @@ def train_logs(stdout: str) -> List[dict]:
 
 def compose_preset(name: str, overrides: List[str]) -> Dict[str, object]:
     """A preset composed as ``fairseq-hydra-train --config-name NAME`` does, as plain containers."""
-    import fairseq
-    from fairseq.dataclass.initialize import add_defaults, hydra_init
-    from fairseq.dataclass.utils import omegaconf_no_object_check
-    from hydra.core.global_hydra import GlobalHydra
-    from hydra.experimental import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from fairseq_kd.presets import compose_preset_container
 
-    import fairseq_kd  # noqa: F401  (registers the plugin's tasks, models and criterions)
-
-    hydra_init(name)  # FairseqConfig under the preset's name, as hydra_train.cli_main does
-    GlobalHydra.instance().clear()
-    try:
-        with initialize_config_dir(config_dir=str(Path(fairseq.__file__).parent / "config")):
-            cfg = compose(name, overrides=overrides)
-    finally:
-        GlobalHydra.instance().clear()
-    add_defaults(cfg)
-    with omegaconf_no_object_check():
-        return OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
+    return compose_preset_container(name, overrides)
 
 
 def edited_cfg(base: Dict[str, object], edits: Dict[str, object]):
@@ -121,7 +105,7 @@ CPU = ["common.fp16=false", "distributed_training.distributed_world_size=1", "da
 
 
 def make_km_labels(out: Path, n_clusters: int = 20) -> Path:
-    run([sys.executable, "-m", "fairseq_kd.data.mfcc_kmeans", "--manifest-dir", str(MANIFESTS),
+    run([sys.executable, "-m", "fairseq_kd.cli.mfcc_kmeans", "--manifest-dir", str(MANIFESTS),
          "--splits", "train", "valid", "--n-clusters", str(n_clusters), "--n-init", "2",
          "--out-dir", str(out)])
     return out

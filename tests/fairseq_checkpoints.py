@@ -17,6 +17,7 @@ This module holds helpers only (no tests); import it from a test file.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Union
 
@@ -42,42 +43,48 @@ MISSING_DATA_DIR = "/checkpoint/fairseq_kd_tests/does/not/exist"
 TINY_CONV = "[(64,10,5)] + [(64,3,2)] * 4 + [(64,2,2)] * 2"
 
 
-def _model_fields(
-    *,
-    layers: int,
-    embed_dim: int,
-    ffn_dim: int,
-    heads: int,
-    conv_layers: str,
-    layer_norm_first: bool,
-    extractor_mode: Optional[str],
-    dropout: float,
-    conv_pos: int,
-    conv_pos_groups: int = 4,
-) -> Dict[str, Any]:
-    """Architecture fields shared by HubertConfig and Wav2Vec2Config (fairseq's own names)."""
-    return dict(
-        encoder_layers=layers,
-        encoder_embed_dim=embed_dim,
-        encoder_ffn_embed_dim=ffn_dim,
-        encoder_attention_heads=heads,
-        conv_feature_layers=conv_layers,
-        layer_norm_first=layer_norm_first,
-        # the official recipes pair pre-LN (Large) with the layer-norm CNN and post-LN (Base)
-        # with the group-norm CNN ("default")
-        extractor_mode=extractor_mode or ("layer_norm" if layer_norm_first else "default"),
-        conv_pos=conv_pos,
-        conv_pos_groups=conv_pos_groups,
-        final_dim=16,
-        # non-zero training-time regularisation, as in the real configs, so that tests can show
-        # the teacher switches it off
-        dropout=dropout,
-        attention_dropout=dropout,
-        activation_dropout=dropout,
-        dropout_input=dropout,
-        dropout_features=dropout,
-        encoder_layerdrop=0.05 if dropout > 0 else 0.0,
-    )
+@dataclass(frozen=True)
+class TinyArch:
+    """The architecture knobs of the tiny checkpoints, with their defaults: the keyword arguments
+    of :func:`hubert_cfg`, :func:`wav2vec2_cfg`, :func:`make_hubert_checkpoint` and
+    :func:`make_wav2vec2_checkpoint` (``normalize`` is the task's)."""
+
+    layers: int = 2
+    embed_dim: int = 64
+    ffn_dim: int = 128
+    heads: int = 4
+    conv_layers: str = TINY_CONV
+    layer_norm_first: bool = False
+    extractor_mode: Optional[str] = None
+    normalize: bool = False
+    dropout: float = 0.1
+    conv_pos: int = 16
+    conv_pos_groups: int = 4
+
+    def model_fields(self) -> Dict[str, Any]:
+        """Architecture fields shared by HubertConfig and Wav2Vec2Config (fairseq's own names)."""
+        return dict(
+            encoder_layers=self.layers,
+            encoder_embed_dim=self.embed_dim,
+            encoder_ffn_embed_dim=self.ffn_dim,
+            encoder_attention_heads=self.heads,
+            conv_feature_layers=self.conv_layers,
+            layer_norm_first=self.layer_norm_first,
+            # the official recipes pair pre-LN (Large) with the layer-norm CNN and post-LN (Base)
+            # with the group-norm CNN ("default")
+            extractor_mode=self.extractor_mode or ("layer_norm" if self.layer_norm_first else "default"),
+            conv_pos=self.conv_pos,
+            conv_pos_groups=self.conv_pos_groups,
+            final_dim=16,
+            # non-zero training-time regularisation, as in the real configs, so that tests can show
+            # the teacher switches it off
+            dropout=self.dropout,
+            attention_dropout=self.dropout,
+            activation_dropout=self.dropout,
+            dropout_input=self.dropout,
+            dropout_features=self.dropout,
+            encoder_layerdrop=0.05 if self.dropout > 0 else 0.0,
+        )
 
 
 def _full_cfg(task_cfg: Any, model_cfg: Any, criterion_cfg: Any, model_name: str) -> DictConfig:
@@ -157,143 +164,44 @@ def _save(state: Dict[str, Any], path: PathLike, legacy_serialization: bool = Fa
     return path
 
 
-def hubert_cfg(
-    *,
-    layers: int = 2,
-    embed_dim: int = 64,
-    ffn_dim: int = 128,
-    heads: int = 4,
-    conv_layers: str = TINY_CONV,
-    layer_norm_first: bool = False,
-    extractor_mode: Optional[str] = None,
-    normalize: bool = False,
-    dropout: float = 0.1,
-    conv_pos: int = 16,
-    conv_pos_groups: int = 4,
-) -> DictConfig:
-    """Full hydra config of a tiny HuBERT pre-training run (task ``hubert_pretraining``)."""
+def hubert_cfg(**arch: Any) -> DictConfig:
+    """Full hydra config of a tiny HuBERT pre-training run (task ``hubert_pretraining``);
+    ``arch``: :class:`TinyArch` fields."""
+    a = TinyArch(**arch)
     task_cfg = HubertPretrainingConfig(
         data=MISSING_DATA_DIR,
         label_dir=MISSING_DATA_DIR + "/labels",
         labels=["km"],
         label_rate=50.0,
         sample_rate=16_000,
-        normalize=normalize,
+        normalize=a.normalize,
     )
-    fields = _model_fields(
-        layers=layers,
-        embed_dim=embed_dim,
-        ffn_dim=ffn_dim,
-        heads=heads,
-        conv_layers=conv_layers,
-        layer_norm_first=layer_norm_first,
-        extractor_mode=extractor_mode,
-        dropout=dropout,
-        conv_pos=conv_pos,
-        conv_pos_groups=conv_pos_groups,
-    )
-    model_cfg = HubertConfig(**fields)
+    model_cfg = HubertConfig(**a.model_fields())
     return _full_cfg(task_cfg, model_cfg, HubertCriterionConfig(pred_masked_weight=1.0), "hubert")
 
 
-def wav2vec2_cfg(
-    *,
-    layers: int = 2,
-    embed_dim: int = 64,
-    ffn_dim: int = 128,
-    heads: int = 4,
-    conv_layers: str = TINY_CONV,
-    layer_norm_first: bool = False,
-    extractor_mode: Optional[str] = None,
-    normalize: bool = False,
-    dropout: float = 0.1,
-    conv_pos: int = 16,
-    conv_pos_groups: int = 4,
-) -> DictConfig:
-    """Full hydra config of a tiny wav2vec 2.0 pre-training run (task ``audio_pretraining``)."""
-    task_cfg = AudioPretrainingConfig(data=MISSING_DATA_DIR, sample_rate=16_000, normalize=normalize)
-    fields = _model_fields(
-        layers=layers,
-        embed_dim=embed_dim,
-        ffn_dim=ffn_dim,
-        heads=heads,
-        conv_layers=conv_layers,
-        layer_norm_first=layer_norm_first,
-        extractor_mode=extractor_mode,
-        dropout=dropout,
-        conv_pos=conv_pos,
-        conv_pos_groups=conv_pos_groups,
-    )
-    model_cfg = Wav2Vec2Config(latent_vars=8, latent_groups=2, latent_dim=0, **fields)
+def wav2vec2_cfg(**arch: Any) -> DictConfig:
+    """Full hydra config of a tiny wav2vec 2.0 pre-training run (task ``audio_pretraining``);
+    ``arch``: :class:`TinyArch` fields."""
+    a = TinyArch(**arch)
+    task_cfg = AudioPretrainingConfig(data=MISSING_DATA_DIR, sample_rate=16_000, normalize=a.normalize)
+    model_cfg = Wav2Vec2Config(latent_vars=8, latent_groups=2, latent_dim=0, **a.model_fields())
     return _full_cfg(task_cfg, model_cfg, Wav2VecCriterionConfig(), "wav2vec2")
 
 
-def make_hubert_checkpoint(
-    path: PathLike,
-    *,
-    layers: int = 2,
-    embed_dim: int = 64,
-    ffn_dim: int = 128,
-    heads: int = 4,
-    conv_layers: str = TINY_CONV,
-    layer_norm_first: bool = False,
-    extractor_mode: Optional[str] = None,
-    normalize: bool = False,
-    num_classes: int = 20,
-    dropout: float = 0.1,
-    conv_pos: int = 16,
-    conv_pos_groups: int = 4,
-    seed: int = 0,
-) -> Path:
-    """Write a tiny pre-trained-HuBERT checkpoint (hydra layout) and return its path."""
-    cfg = hubert_cfg(
-        layers=layers,
-        embed_dim=embed_dim,
-        ffn_dim=ffn_dim,
-        heads=heads,
-        conv_layers=conv_layers,
-        layer_norm_first=layer_norm_first,
-        extractor_mode=extractor_mode,
-        normalize=normalize,
-        dropout=dropout,
-        conv_pos=conv_pos,
-        conv_pos_groups=conv_pos_groups,
-    )
+def make_hubert_checkpoint(path: PathLike, *, num_classes: int = 20, seed: int = 0, **arch: Any) -> Path:
+    """Write a tiny pre-trained-HuBERT checkpoint (hydra layout) and return its path;
+    ``arch``: :class:`TinyArch` fields."""
+    cfg = hubert_cfg(**arch)
     # the dictionaries arrive through the task state, as after load_dictionaries() in training
     task, model = _build(cfg, {"dictionaries": [_km_dictionary(num_classes)]}, seed)
     return _save(_trainer_state(cfg, model, task, "HubertCriterion"), path)
 
 
-def make_wav2vec2_checkpoint(
-    path: PathLike,
-    *,
-    layers: int = 2,
-    embed_dim: int = 64,
-    ffn_dim: int = 128,
-    heads: int = 4,
-    conv_layers: str = TINY_CONV,
-    layer_norm_first: bool = False,
-    extractor_mode: Optional[str] = None,
-    normalize: bool = False,
-    dropout: float = 0.1,
-    conv_pos: int = 16,
-    conv_pos_groups: int = 4,
-    seed: int = 0,
-) -> Path:
-    """Write a tiny pre-trained-wav2vec 2.0 checkpoint (hydra layout) and return its path."""
-    cfg = wav2vec2_cfg(
-        layers=layers,
-        embed_dim=embed_dim,
-        ffn_dim=ffn_dim,
-        heads=heads,
-        conv_layers=conv_layers,
-        layer_norm_first=layer_norm_first,
-        extractor_mode=extractor_mode,
-        normalize=normalize,
-        dropout=dropout,
-        conv_pos=conv_pos,
-        conv_pos_groups=conv_pos_groups,
-    )
+def make_wav2vec2_checkpoint(path: PathLike, *, seed: int = 0, **arch: Any) -> Path:
+    """Write a tiny pre-trained-wav2vec 2.0 checkpoint (hydra layout) and return its path;
+    ``arch``: :class:`TinyArch` fields."""
+    cfg = wav2vec2_cfg(**arch)
     task, model = _build(cfg, None, seed)
     return _save(_trainer_state(cfg, model, task, "Wav2vecCriterion"), path)
 
@@ -330,7 +238,7 @@ def make_legacy_args_checkpoint(
 
     This is the layout of the 2020 releases (``wav2vec_small.pt``, ``libri960_big.pt``). fairseq
     reads it back through ``convert_namespace_to_omegaconf``. ``kind`` is "wav2vec2" or "hubert";
-    ``arch`` takes the knobs of :func:`wav2vec2_cfg` / :func:`hubert_cfg`; ``legacy_serialization``
+    ``arch`` takes the :class:`TinyArch` knobs; ``legacy_serialization``
     also uses torch's old non-zip file format.
     """
     num_classes = arch.pop("num_classes", 20)
@@ -375,6 +283,7 @@ def rewrite_checkpoint(src: PathLike, dst: PathLike, edit, legacy_serialization:
 __all__ = [
     "MISSING_DATA_DIR",
     "TINY_CONV",
+    "TinyArch",
     "hubert_cfg",
     "wav2vec2_cfg",
     "make_hubert_checkpoint",

@@ -57,6 +57,11 @@ def build(base: Dict[str, Any], edits: Dict[str, Any]):
     """What fairseq_cli.train.main does before the datasets: task, model (loads the teacher), criterion."""
     from fairseq import tasks
 
+    # composing resolved criterion.hint_layer_ids: ${model.hint_layer_ids} (and pred_layer_ids):
+    # an edit of the model's ids reaches the criterion as a command-line override would
+    for key in ("hint_layer_ids", "pred_layer_ids"):
+        if f"model.{key}" in edits:
+            edits = {f"criterion.{key}": edits[f"model.{key}"], **edits}
     cfg = edited_cfg(base, edits)
     task = tasks.setup_task(cfg.task)
     model = task.build_model(cfg.model)

@@ -139,7 +139,7 @@ def test_two_cpu_ranks_train_one_model(tmp_path, teacher):
 
 
 def test_replica_mismatch_is_an_error():
-    from fairseq_kd.tasks.distill_hubert import ReplicaMismatchError, compare_replica_checksums
+    from fairseq_kd.distributed import ReplicaMismatchError, compare_replica_checksums
 
     compare_replica_checksums([498.99903003025685, 498.99903003025685])
     compare_replica_checksums([1.5])
@@ -155,7 +155,7 @@ CHECK_REPLICAS_SCRIPT = textwrap.dedent(
     import sys
     import torch
     import torch.distributed as dist
-    from fairseq_kd.tasks.distill_hubert import ReplicaMismatchError, check_replicas
+    from fairseq_kd.distributed import ReplicaMismatchError, check_replicas
 
     dist.init_process_group("gloo")  # env:// from torchrun
     rank = dist.get_rank()
@@ -192,7 +192,7 @@ def test_check_replicas_collective_on_gloo(tmp_path):
 def test_check_replicas_skips_a_single_process():
     import torch
 
-    from fairseq_kd.tasks.distill_hubert import check_replicas
+    from fairseq_kd.distributed import check_replicas
 
     assert not torch.distributed.is_initialized()
     assert check_replicas(torch.nn.Linear(2, 2)) is None
@@ -252,7 +252,7 @@ def test_resume_continues_the_uninterrupted_run(tmp_path, teacher):
 def _seeded_train_set(seed: int):
     from fairseq.data.audio.raw_audio_dataset import FileAudioDataset
 
-    from fairseq_kd.tasks.distill_hubert import seed_crops
+    from fairseq_kd.data.seeded_crops import seed_crops
 
     dataset = FileAudioDataset(str(MANIFESTS / "train.tsv"), sample_rate=16_000, max_sample_size=16_000, pad=True)
     seed_crops(dataset, seed)

@@ -20,7 +20,7 @@ from conftest import CPU, MANIFESTS, console_script, json_logs, run, train_logs
 from fairseq_checkpoints import make_hubert_checkpoint
 
 HUBERT_CNN = "[(512,10,5)] + [(512,3,2)] * 4 + [(512,2,2)] * 2"
-# published sizes without heads, in parameters (REFERENCE.md section 0)
+# published sizes without heads, in parameters (docs/parameter_counts.md#published-sizes)
 PRESETS = {
     "thin_deep": 21.20e6,
     "distilhubert": 23.49e6,

@@ -12,7 +12,7 @@ from fairseq_kd.criterions.kd_losses import (
     cosine_per_frame,
     cosine_similarity_per_frame,
     count,
-    fithubert_hint_weights,
+    hint_weights,
     l1_per_frame,
     l2_per_frame,
     layer_loss,
@@ -213,19 +213,31 @@ def test_repeated_teacher_pools_back_exactly(r):
     assert torch.equal(a, x)
 
 
-def test_pooled_mask_is_valid_only_if_all_frames_are():
+def test_pooled_frame_is_valid_if_any_frame_is_and_averages_the_valid_ones():
+    """The student's time-reduction rule (encoders/frames.py): n valid frames pool to ceil(n / r)."""
     teacher = torch.arange(8, dtype=torch.float32).reshape(1, 8, 1).repeat(2, 1, 1)
-    # utterance 0: 8 valid frames -> 4 pooled; utterance 1: 5 valid -> 2 whole pairs, pair 3 is mixed
+    teacher[1, 5:] = 1e6  # whatever the padding holds
+    # utterance 0: 8 valid frames -> 4 pooled; utterance 1: 5 valid -> 2 whole pairs + frame 4 alone
     mask = pad_mask([8, 5], 8)
     _, b, v = align_to_teacher(torch.zeros(2, 4, 1), teacher, mask)
-    assert v.tolist() == [[True] * 4, [True, True, False, False]]
+    assert v.tolist() == [[True] * 4, [True, True, True, False]]
     assert b[0, :, 0].tolist() == [0.5, 2.5, 4.5, 6.5]
-    assert b[1, :, 0].tolist() == [0.5, 2.5, 0.0, 0.0]  # the mixed pair does not leak
+    assert b[1, :, 0].tolist() == [0.5, 2.5, 4.0, 0.0]  # the mixed pair is its valid frame; no leak
+
+
+def test_pooled_padded_row_equals_the_utterance_alone():
+    torch.manual_seed(5)
+    teacher = torch.randn(2, 9, 3)
+    _, batch, valid = align_to_teacher(torch.zeros(2, 5, 3), teacher, pad_mask([9, 7], 9))
+    _, alone, alone_valid = align_to_teacher(torch.zeros(1, 4, 3), teacher[1:, :7], None)
+    assert valid[1].tolist() == [True] * 4 + [False] and alone_valid.all()
+    assert torch.allclose(batch[1, :4], alone[0], atol=1e-7)
 
 
 @pytest.mark.parametrize(
     "ts, tt, expected_t",
-    [(50, 51, 50), (51, 50, 50), (50, 50, 50), (50, 101, 50), (50, 100, 50), (50, 99, 49), (50, 151, 50)],
+    [(50, 51, 50), (51, 50, 50), (50, 50, 50), (50, 101, 50), (50, 100, 50), (50, 99, 50), (49, 99, 49),
+     (50, 151, 50)],
 )
 def test_off_by_one_lengths_are_trimmed(ts, tt, expected_t):
     s, t = torch.randn(2, ts, 4), torch.randn(2, tt, 4)
@@ -300,12 +312,12 @@ def test_mean_of_layers():
         mean_of_layers([a, torch.zeros(1, 3, 3)])
 
 
-def test_fithubert_hint_weights():
-    assert fithubert_hint_weights(12) == [0.1] * 11 + [1.0]
-    assert fithubert_hint_weights(1) == [1.0]
-    assert fithubert_hint_weights(3, hint_weight=0.5, last_weight=2.0) == [0.5, 0.5, 2.0]
+def test_hint_weights():
+    assert hint_weights(12) == [0.1] * 11 + [1.0]
+    assert hint_weights(1) == [1.0]
+    assert hint_weights(3, hint_weight=0.5, last_weight=2.0) == [0.5, 0.5, 2.0]
     with pytest.raises(ValueError):
-        fithubert_hint_weights(0)
+        hint_weights(0)
 
 
 # -- property: batched masked sums == per-utterance sums on the unpadded sequences -----------------

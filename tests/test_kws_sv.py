@@ -51,7 +51,7 @@ def brute_force_eer_dcf(scores, targets, p=0.01):
 
 
 def test_eer_and_min_dcf():
-    from fairseq_kd.evaluation_kws_sv import eer_min_dcf
+    from fairseq_kd.evaluation.kws_sv import eer_min_dcf
 
     assert eer_min_dcf([0.9, 0.8, 0.2, 0.1], [1, 1, 0, 0]) == (0.0, 0.0)
     eer, dcf = eer_min_dcf([0.1, 0.2, 0.8, 0.9], [1, 1, 0, 0])
@@ -71,7 +71,7 @@ def test_eer_and_min_dcf():
 
 def test_cosine_scoring_over_trials():
     from fairseq_kd.data.kws_sv import Trial
-    from fairseq_kd.evaluation_kws_sv import verification_metrics
+    from fairseq_kd.evaluation.kws_sv import verification_metrics
 
     emb = {"a": np.array([1.0, 0.0]), "b": np.array([2.0, 0.1]), "c": np.array([0.0, 1.0]), "d": np.array([0.1, 3.0])}
     trials = [Trial(1, "a", "b", 1), Trial(1, "c", "d", 2), Trial(0, "a", "c", 3), Trial(0, "b", "d", 4),
@@ -339,7 +339,7 @@ def _lines(path: Path) -> List[str]:
 
 def test_prepare_speech_commands_12_class(tmp_path):
     from fairseq_kd.data.kws_sv import check_layout
-    from fairseq_kd.data.prepare_kws_sv import main
+    from fairseq_kd.cli.prepare_kws_sv import main
 
     root = fake_speech_commands(tmp_path / "sc")
     dest = tmp_path / "sc12"
@@ -365,7 +365,7 @@ def test_prepare_speech_commands_12_class(tmp_path):
 
 
 def test_prepare_speech_commands_all_words_and_protocol_errors(tmp_path, capsys):
-    from fairseq_kd.data.prepare_kws_sv import main
+    from fairseq_kd.cli.prepare_kws_sv import main
 
     root = fake_speech_commands(tmp_path / "sc")
     assert main(["speech-commands", "--root", str(root), "--dest", str(tmp_path / "x"), "--protocol", "35"]) == 1
@@ -393,7 +393,7 @@ def fake_voxceleb1(root: Path) -> Path:
 
 def test_prepare_voxceleb1(tmp_path, capsys):
     from fairseq_kd.data.kws_sv import check_layout
-    from fairseq_kd.data.prepare_kws_sv import main
+    from fairseq_kd.cli.prepare_kws_sv import main
 
     root = fake_voxceleb1(tmp_path / "vox")
     dest = tmp_path / "vox1"
@@ -416,7 +416,7 @@ def test_prepare_voxceleb1(tmp_path, capsys):
 
 
 def test_check_command_accepts_the_bundled_keyword_subset(capsys):
-    from fairseq_kd.data.prepare_kws_sv import main
+    from fairseq_kd.cli.prepare_kws_sv import main
 
     assert main(["check", "--data", str(KEYWORDS)]) == 0
     assert "OK (train 480 rows, valid 60 rows, test 80 rows)" in capsys.readouterr().out

@@ -15,7 +15,7 @@ from fairseq.data import Dictionary
 from omegaconf import OmegaConf
 
 from fairseq_kd.cli import infer
-from fairseq_kd.data.lexicon import main
+from fairseq_kd.cli.lexicon import main
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"

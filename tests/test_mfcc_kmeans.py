@@ -12,7 +12,8 @@ pytest.importorskip("librosa")
 pytest.importorskip("sklearn")
 
 from fairseq_kd.data.manifest import write_manifest  # noqa: E402
-from fairseq_kd.data.mfcc_kmeans import main, mfcc_features, num_frames  # noqa: E402
+from fairseq_kd.cli.mfcc_kmeans import main  # noqa: E402
+from fairseq_kd.prep.mfcc_kmeans import mfcc_features, num_frames  # noqa: E402
 
 SR = 16000
 N_CLUSTERS = 4

@@ -12,7 +12,7 @@ import pytest
 sf = pytest.importorskip("soundfile")
 
 from fairseq_kd.data.manifest import read_labels, read_manifest
-from fairseq_kd.data.mini_corpus import (
+from fairseq_kd.prep.mini_corpus import (
     KEYWORDS,
     MAX_CORPUS_BYTES,
     SentenceGrammar,

@@ -11,7 +11,7 @@ import pytest
 import sentencepiece as spm
 import soundfile as sf
 
-from fairseq_kd.data.prepare_asr import main
+from fairseq_kd.cli.prepare_asr import main
 
 MANIFESTS = Path(__file__).resolve().parents[1] / "manifests"
 

@@ -23,13 +23,8 @@ from fairseq_checkpoints import (
     make_wav2vec2_checkpoint,
     rewrite_checkpoint,
 )
-from fairseq_kd.teacher import (
-    FrozenTeacher,
-    TeacherError,
-    check_layers,
-    conv_output_lengths,
-    frames_padding_mask,
-)
+from fairseq_kd.encoders.frames import conv_output_lengths
+from fairseq_kd.teacher import FrozenTeacher, TeacherError, check_layers
 
 MAKERS = {"hubert": make_hubert_checkpoint, "wav2vec2": make_wav2vec2_checkpoint}
 ONE_SECOND = 16_000  # -> 49 frames with the 320-sample hop: odd on purpose
@@ -353,26 +348,3 @@ def test_check_layers(hubert_teacher):
         with pytest.raises(TeacherError, match="criterion.teacher_layers") as error:
             check_layers(hubert_teacher, bad, "criterion.teacher_layers")
         assert hubert_teacher.path in str(error.value) and "0 (CNN" in str(error.value)
-
-
-# -- frame arithmetic ---------------------------------------------------------------------------------
-def test_conv_output_lengths_match_real_convs():
-    layers = [(4, 10, 5), (4, 3, 2), (4, 3, 2), (4, 2, 2)]
-    convs = nn.Sequential(*[nn.Conv1d(1 if i == 0 else 4, d, k, s) for i, (d, k, s) in enumerate(layers)])
-    lengths = torch.tensor([0, 5, 10, 59, 60, 99, 100, 101, 777, 1_000])
-    got = conv_output_lengths(lengths, layers)
-    for n, frames in zip(lengths.tolist(), got.tolist()):
-        try:
-            expected = convs(torch.zeros(1, 1, n)).size(-1) if n else 0
-        except RuntimeError:  # input shorter than a kernel: torch refuses, we say 0 frames
-            expected = 0
-        assert frames == expected, n
-
-
-def test_frames_padding_mask():
-    layers = [(4, 10, 5), (4, 3, 2)]
-    assert frames_padding_mask(None, layers, 7) is None
-    sample_mask = torch.arange(40).unsqueeze(0) >= torch.tensor([[40], [23]])
-    frame_mask = frames_padding_mask(sample_mask, layers, 3)
-    # 40 samples -> 7 -> 3 frames; 23 samples -> 3 -> 1 frame
-    assert frame_mask.tolist() == [[False, False, False], [False, True, True]]

@@ -4,7 +4,6 @@ time reduction, fine-tuning contracts and initialisation from a fairseq HubertMo
 from __future__ import annotations
 
 import math
-from pathlib import Path
 from typing import Dict, List
 
 import numpy as np
@@ -17,8 +16,7 @@ from fairseq_kd.models.thin_hubert import (
     ThinHubertConfig,
     ThinHubertModel,
 )
-
-PRESET_DIR = Path(__file__).resolve().parents[1] / "fairseq_kd" / "config" / "model"
+from fairseq_kd.presets import MODEL_CONFIG_DIR, model_preset
 
 HUBERT_CNN = dict(
     conv_channels=[512] * 7,
@@ -27,89 +25,6 @@ HUBERT_CNN = dict(
     extractor_mode="default",
     conv_bias=False,
 )
-DROPOUTS = dict(
-    dropout=0.1, attention_dropout=0.1, activation_dropout=0.1, encoder_layerdrop=0.0
-)
-POS_CONV = dict(conv_pos=128, conv_pos_groups=16, activation_fn="gelu", layer_norm_first=False)
-
-# the four presets, as written to fairseq_kd/config/model/<name>.yaml (REFERENCE.md §0-3)
-PRESETS: Dict[str, dict] = {
-    "thin_deep": dict(  # FitHuBERT
-        conv_channels=[128, 256, 256, 256, 256, 256, 512, 512, 512],
-        conv_kernels=[10, 1, 3, 3, 3, 3, 1, 2, 2],
-        conv_strides=[5, 1, 2, 2, 2, 2, 1, 2, 2],
-        extractor_mode="default",
-        conv_bias=False,
-        feature_grad_mult=1.0,
-        encoder_layers=12,
-        encoder_embed_dim=480,
-        encoder_ffn_embed_dim=480,
-        encoder_attention_heads=12,
-        **POS_CONV,
-        **DROPOUTS,
-        dropout_input=0.05,
-        time_reduction_factor=2,
-        time_reduction_layer=0,
-        teacher_embed_dim=768,
-        hint_layer_ids=list(range(1, 13)),
-        hint_head_type="convt_linear",
-        init_teacher_cnn=False,
-        init_teacher_pos_conv=False,
-        init_teacher_layers=0,
-    ),
-    "distilhubert": dict(
-        **HUBERT_CNN,
-        feature_grad_mult=0.1,
-        encoder_layers=2,
-        encoder_embed_dim=768,
-        encoder_ffn_embed_dim=3072,
-        encoder_attention_heads=12,
-        **POS_CONV,
-        **DROPOUTS,
-        dropout_input=0.0,
-        time_reduction_factor=1,
-        teacher_embed_dim=768,
-        pred_layer_ids=[4, 8, 12],
-        init_teacher_cnn=True,
-        init_teacher_pos_conv=True,
-        init_teacher_layers=2,
-    ),
-    "deep_12l_half_l2l": dict(
-        **HUBERT_CNN,
-        feature_grad_mult=0.1,
-        encoder_layers=12,
-        encoder_embed_dim=384,
-        encoder_ffn_embed_dim=1536,
-        encoder_attention_heads=6,
-        **POS_CONV,
-        **DROPOUTS,
-        dropout_input=0.0,
-        time_reduction_factor=1,
-        teacher_embed_dim=768,
-        hint_layer_ids=list(range(1, 13)),
-        hint_head_type="linear",
-        init_teacher_cnn=True,
-        init_teacher_pos_conv=False,
-        init_teacher_layers=0,
-    ),
-    "wide_3l_one_pred": dict(
-        **HUBERT_CNN,
-        feature_grad_mult=0.1,
-        encoder_layers=3,
-        encoder_embed_dim=768,
-        encoder_ffn_embed_dim=3072,
-        encoder_attention_heads=12,
-        **POS_CONV,
-        **DROPOUTS,
-        dropout_input=0.0,
-        time_reduction_factor=1,
-        teacher_embed_dim=768,
-        pred_layer_ids=[4, 8, 12],
-        init_teacher_cnn=True,
-        init_teacher_pos_conv=True,
-        init_teacher_layers=3,
-    ),
-}
 HUBERT_BASE = dict(
     **HUBERT_CNN,
     encoder_layers=12,
@@ -118,17 +33,20 @@ HUBERT_BASE = dict(
     encoder_attention_heads=12,
 )
 
-# published sizes without distillation heads (REFERENCE.md §0), in millions
+# published sizes without distillation heads (docs/parameter_counts.md#published-sizes), in millions
 EXPECTED_PARAMS_M = {
     "thin_deep": 21.20,
     "distilhubert": 23.49,
     "deep_12l_half_l2l": 26.87,
     "wide_3l_one_pred": 30.58,
 }
-# GMACs per 10 s of audio (REFERENCE.md §7)
+# GMACs per 10 s of audio (docs/parameter_counts.md#compute)
 EXPECTED_GMACS = {
     "hubert_base": 74.1, "distilhubert": 34.9, "thin_deep": 14.0, "deep_12l_half_l2l": 38.1
 }
+# the four presets as fairseq_kd/config/model/<name>.yaml writes them (docs/papers.md), read by
+# the same reader as fairseq-kd-summary; the figures above are the papers', not the yaml's
+PRESETS: Dict[str, dict] = {name: model_preset(name) for name in sorted(EXPECTED_PARAMS_M)}
 
 # a tiny student with HuBERT's CNN geometry (20 ms frames, 400-sample receptive field);
 # layer_norm extractor: fairseq's "default" GroupNorm normalises over time, padding included,
@@ -243,22 +161,19 @@ def test_model_summary_and_frame_rates():
     assert ThinHubertModel.output_frame_rate(PRESETS["thin_deep"]) == 25.0
 
 
-def test_yaml_presets_match_the_tested_configs_and_build_through_fairseq():
+def test_yaml_presets_are_thin_hubert_configs_and_build_through_fairseq():
     from fairseq.models import MODEL_REGISTRY, build_model
 
     assert MODEL_REGISTRY["thin_hubert"] is ThinHubertModel
+    assert sorted(p.stem for p in MODEL_CONFIG_DIR.glob("*.yaml")) == sorted(PRESETS)  # each has its paper
     for name, cfg in PRESETS.items():
-        text = (PRESET_DIR / f"{name}.yaml").read_text()
-        assert text.startswith("# @package _group_\n")
-        loaded = OmegaConf.to_container(OmegaConf.load(PRESET_DIR / f"{name}.yaml"))
-        assert loaded.pop("_name") == "thin_hubert"
-        # the yaml may also spell out keys at their defaults (so hydra overrides need no '+')
-        defaults = OmegaConf.structured(ThinHubertConfig)
-        effective = OmegaConf.to_container(OmegaConf.merge(defaults, loaded))
-        assert effective == OmegaConf.to_container(OmegaConf.merge(defaults, cfg)), name
-        loaded["_name"] = "thin_hubert"
+        path = MODEL_CONFIG_DIR / f"{name}.yaml"
+        assert path.read_text().startswith("# @package _group_\n")
+        assert OmegaConf.load(path)._name == "thin_hubert"
+        # every key is a ThinHubertConfig field (the merge refuses unknown keys)
+        OmegaConf.merge(OmegaConf.structured(ThinHubertConfig), cfg)
         with torch.device("meta"):
-            model = build_model(OmegaConf.create(loaded), task=None, from_checkpoint=True)
+            model = build_model(OmegaConf.create({**cfg, "_name": "thin_hubert"}), task=None, from_checkpoint=True)
         assert isinstance(model, ThinHubertModel)
         model.remove_pretraining_modules()
         params = ThinHubertModel.count_parameters(model, include_heads=True)

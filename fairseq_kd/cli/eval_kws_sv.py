@@ -85,7 +85,7 @@ def load(checkpoint: str, data: str, split: str, trials: Optional[str], allow_se
 
 
 def evaluate(model, task, split: str, max_tokens: int, device: str) -> Dict[str, Any]:
-    from fairseq_kd.evaluation_kws_sv import keyword_metrics, run_split, score_trials, verification_metrics
+    from fairseq_kd.evaluation.kws_sv import keyword_metrics, run_split, score_trials, verification_metrics
 
     outputs = run_split(model, task, split, max_tokens, device)
     results: Dict[str, Any] = {}

@@ -71,7 +71,7 @@ def read_score(path: Path) -> Optional[float]:
 # -- models ----------------------------------------------------------------------------------------
 def load_encoders(run: Path):
     """The teacher (``FrozenTeacher``) and the students (with their heads and configs)."""
-    from fairseq_kd.evaluation import load_student
+    from fairseq_kd.evaluation.similarity import load_distilled
     from fairseq_kd.teacher import FrozenTeacher
 
     teacher_path = run / TEACHER / "checkpoint_last.pt"
@@ -82,12 +82,12 @@ def load_encoders(run: Path):
     for name in STUDENTS:
         path = run / name / "checkpoint_last.pt"
         if path.is_file():
-            students[name] = load_student(str(path))
+            students[name] = load_distilled(str(path))
     return teacher, students
 
 
 def size_and_compute(run: Path, name: str) -> Dict[str, float]:
-    from fairseq_kd.cli.summary import model_fields
+    from fairseq_kd.presets import model_fields
     from fairseq_kd.models.thin_hubert import ThinHubertModel
 
     summary = ThinHubertModel.model_summary(model_fields(str(run / name / "checkpoint_last.pt"), []))
@@ -100,7 +100,7 @@ def size_and_compute(run: Path, name: str) -> Dict[str, float]:
 
 
 def similarity(students, teacher, manifest: Path) -> Dict[str, Dict[str, float]]:
-    from fairseq_kd.evaluation import similarity_to_teacher
+    from fairseq_kd.evaluation.similarity import similarity_to_teacher
 
     return {name: similarity_to_teacher(model, cfg, teacher, str(manifest)) for name, (model, cfg) in students.items()}
 

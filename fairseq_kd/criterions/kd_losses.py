@@ -27,6 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fairseq_kd.encoders.frames import pool_frames
+
 __all__ = [
     "COS_EPS",
     "align_to_teacher",
@@ -39,7 +41,7 @@ __all__ = [
     "masked_sum",
     "count",
     "layer_loss",
-    "fithubert_hint_weights",
+    "hint_weights",
 ]
 
 COS_EPS = 1e-8  # floor on each vector norm; zero vectors (e.g. zero-filled padding) give cos = 0
@@ -73,20 +75,6 @@ def _detect_rate(ts: int, tt: int) -> Optional[int]:
     return None
 
 
-def _pool_teacher(teacher: Tensor, valid: Tensor, r: int) -> Tuple[Tensor, Tensor]:
-    """Average non-overlapping groups of r frames: (B, Tt, D) -> (B, Tt // r, D).
-
-    A pooled frame is valid only if *all* its r source frames are valid (the same rule as
-    FitHuBERT's time-reduction mask, which ORs the padding of each pair), so a pooled target
-    never mixes speech with padding. A trailing partial group is dropped.
-    """
-    b, tt, d = teacher.shape
-    n = tt // r
-    pooled = teacher[:, : n * r].reshape(b, n, r, d).mean(dim=2)
-    pooled_valid = valid[:, : n * r].reshape(b, n, r).all(dim=2)
-    return pooled, pooled_valid
-
-
 def align_to_teacher(
     student: Tensor,
     teacher: Tensor,
@@ -108,7 +96,9 @@ def align_to_teacher(
 
     Frame rates: if Tt is about r * Ts for an integer r >= 2 (``|Tt - r*Ts| <= r``), the teacher
     is average-pooled over non-overlapping groups of r frames (e.g. a 20 ms teacher for a student
-    with a 40 ms time-reduction layer); a pooled frame is valid only if all r source frames are.
+    with a 40 ms time-reduction layer) by the project's one time-reduction rule
+    (``encoders/frames.pool_frames``): a pooled frame is valid if any of its source frames is, and
+    averages the valid ones, exactly as the student's reduced frames are kept.
     Then both are trimmed to the shorter length, which absorbs the off-by-one lengths that two
     different CNN front-ends produce. Student and teacher (and r, if given) must then agree to
     within one frame; a student at a *higher* rate than the teacher is not handled (upsample
@@ -146,7 +136,7 @@ def align_to_teacher(
     if r is None or r < 1:
         raise ValueError(f"cannot reconcile frame rates (no integer teacher/student ratio): {shapes}")
     if r > 1:
-        teacher, t_valid = _pool_teacher(teacher, t_valid, r)
+        teacher, t_valid = pool_frames(teacher, t_valid, r)
     if abs(teacher.shape[1] - ts) > 1:
         raise ValueError(
             f"cannot reconcile frame rates: after pooling the teacher by {r} it has "
@@ -293,8 +283,8 @@ def layer_loss(
     return out
 
 
-def fithubert_hint_weights(num_layers: int, hint_weight: float = 0.1, last_weight: float = 1.0) -> List[float]:
-    """FitHuBERT per-layer weights: ``hint_weight`` for layers 1..N-1, ``last_weight`` for layer N."""
-    if num_layers < 1:
-        raise ValueError(f"num_layers must be >= 1, got {num_layers}")
-    return [float(hint_weight)] * (num_layers - 1) + [float(last_weight)]
+def hint_weights(num_outputs: int, hint_weight: float = 0.1, last_weight: float = 1.0) -> List[float]:
+    """FitHuBERT's per-output weights: ``hint_weight`` on outputs 1..N-1, ``last_weight`` on output N."""
+    if num_outputs < 1:
+        raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
+    return [float(hint_weight)] * (num_outputs - 1) + [float(last_weight)]

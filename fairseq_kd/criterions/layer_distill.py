@@ -8,8 +8,12 @@ One implementation, three registered names with the papers' defaults:
 * ``distilhubert_loss``: L1 + log-sigmoid cosine (lambda = 1), averaged over the predicted layers.
 * ``fithubert_hint``: MSE hints, weight 0.1 on every layer but the last (1.0), summed.
 
-Which student outputs exist is decided by the model (``hint_layer_ids``, ``pred_layer_ids``); which
-teacher layer(s) each one learns from, and with which weight, is decided here.
+Which student outputs exist is decided by the model (``model.hint_layer_ids``, ``model.pred_layer_ids``);
+which teacher layer(s) each one learns from, and with which weight, is decided here. The mapping
+reads in one direction: the config (the criterion's ``hint_layer_ids`` / ``pred_layer_ids`` are
+interpolated from the model's, as fairseq wires ``task.normalize`` into its models) -> ``build_targets``
+in ``build_criterion``, checked against the task's teacher before the first step -> the loss, which
+pairs each target with the model output of the same key.
 """
 
 
@@ -20,8 +24,10 @@ import torch
 from fairseq import metrics
 from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
+from omegaconf import II
 
-from fairseq_kd.criterions.kd_losses import align_to_teacher, layer_loss, mean_of_layers
+from fairseq_kd.criterions.kd_losses import align_to_teacher, hint_weights, layer_loss, mean_of_layers
+from fairseq_kd.teacher import check_layers
 
 COS_TYPE_CHOICES = ChoiceEnum(["logsig", "raw"])
 LAYER_REDUCTION_CHOICES = ChoiceEnum(["sum", "mean"])
@@ -30,6 +36,13 @@ PART_PREFIXES = ("loss", "l1", "l2", "cos")
 
 @dataclass
 class LayerDistillConfig(FairseqDataclass):
+    # the student's distillation outputs (from the model config; not to be set here)
+    hint_layer_ids: List[int] = field(
+        default=II("model.hint_layer_ids"), metadata={"help": "the student layers with a hint head (model's)"}
+    )
+    pred_layer_ids: List[int] = field(
+        default=II("model.pred_layer_ids"), metadata={"help": "the teacher layers the student predicts (model's)"}
+    )
     # layer mapping
     hint_targets: List[str] = field(
         default_factory=list,
@@ -98,10 +111,11 @@ def parse_teacher_layers(spec: str, key: str) -> List[int]:
     return layers
 
 
-def build_targets(cfg: LayerDistillConfig, model_cfg) -> List[DistillTarget]:
-    """Pair every student output the model makes with its teacher layer(s) and weight."""
-    hint_layers = list(model_cfg.hint_layer_ids)
-    pred_layers = list(model_cfg.pred_layer_ids)
+def build_targets(cfg: LayerDistillConfig) -> List[DistillTarget]:
+    """Pair every student output (``cfg.hint_layer_ids``, ``cfg.pred_layer_ids``) with its teacher
+    layer(s) and weight."""
+    hint_layers = list(cfg.hint_layer_ids)
+    pred_layers = list(cfg.pred_layer_ids)
     if not hint_layers and not pred_layers:
         raise ValueError(
             "the student has no distillation outputs: set model.hint_layer_ids and/or model.pred_layer_ids"
@@ -115,9 +129,7 @@ def build_targets(cfg: LayerDistillConfig, model_cfg) -> List[DistillTarget]:
     count = len(hint_layers) + len(pred_layers)
     weights = list(cfg.layer_weights)
     if not weights:
-        weights = [1.0] * count
-        if cfg.hint_weight is not None:
-            weights = [float(cfg.hint_weight)] * (count - 1) + [1.0]
+        weights = [1.0] * count if cfg.hint_weight is None else hint_weights(count, cfg.hint_weight)
     if len(weights) != count:
         raise ValueError(
             f"criterion.layer_weights has {len(weights)} entries but the student makes {count} "
@@ -136,8 +148,35 @@ def build_targets(cfg: LayerDistillConfig, model_cfg) -> List[DistillTarget]:
     return targets
 
 
+def check_targets(targets: Sequence[DistillTarget], cfg: LayerDistillConfig, teacher) -> None:
+    """Every target's teacher layers must exist in ``teacher``; the error names the config key."""
+    for target in targets:
+        if target.kind == "preds":
+            key = "model.pred_layer_ids"
+        elif cfg.hint_targets:
+            key = "criterion.hint_targets"
+        else:  # the mapping came from the student's own layer ids
+            key = (
+                "model.hint_layer_ids (criterion.hint_targets is empty, so each hint learns from "
+                "the teacher layer with the same id; set criterion.hint_targets to map them)"
+            )
+        check_layers(teacher, target.teacher_layers, key)
+
+
 def teacher_target(states: Sequence[torch.Tensor], layers: List[int]) -> torch.Tensor:
     return states[layers[0]] if len(layers) == 1 else mean_of_layers([states[i] for i in layers])
+
+
+def student_output(student: Dict[str, Dict[int, torch.Tensor]], target: DistillTarget) -> torch.Tensor:
+    try:
+        return student[target.kind][target.key]
+    except KeyError:
+        raise ValueError(
+            f"the student has no output {target.name}: the criterion was configured for hints "
+            f"{sorted(student.get('hints', {}))} / predictions {sorted(student.get('preds', {}))} other "
+            "than the model makes; leave criterion.hint_layer_ids / pred_layer_ids to their defaults "
+            "(the model's)"
+        ) from None
 
 
 @register_criterion("layer_distill", dataclass=LayerDistillConfig)
@@ -145,40 +184,18 @@ class LayerDistillCriterion(FairseqCriterion):
     def __init__(self, cfg: LayerDistillConfig, task):
         super().__init__(task)
         self.cfg = cfg
-        self.targets: Optional[List[DistillTarget]] = None
-
-    @classmethod
-    def build_criterion(cls, cfg: LayerDistillConfig, task):
-        criterion = cls(cfg, task)
-        model_cfg = getattr(task, "student_cfg", None)
-        if model_cfg is not None:  # validate the mapping against the teacher before training
-            criterion.setup(model_cfg)
-        return criterion
-
-    def setup(self, model_cfg) -> None:
-        from fairseq_kd.teacher import check_layers
-
-        self.targets = build_targets(self.cfg, model_cfg)
-        for target in self.targets:
-            if target.kind == "preds":
-                key = "model.pred_layer_ids"
-            elif self.cfg.hint_targets:
-                key = "criterion.hint_targets"
-            else:  # the mapping came from the student's own layer ids
-                key = (
-                    "model.hint_layer_ids (criterion.hint_targets is empty, so each hint learns from "
-                    "the teacher layer with the same id; set criterion.hint_targets to map them)"
-                )
-            check_layers(self.task.teacher, target.teacher_layers, key)
+        self.targets = build_targets(cfg)
+        # the task's teacher (loaded now if the task has not yet: a bad one fails before any step);
+        # a plain object, so it never enters the criterion's state_dict
+        self.teacher = task.teacher
+        check_targets(self.targets, cfg, self.teacher)
 
     def forward(self, model, sample, reduce: bool = True):
         net_input = sample["net_input"]
         source = net_input["source"]
         padding_mask = net_input.get("padding_mask")
-        if self.targets is None:
-            self.setup(model.cfg)
 
-        teacher = self.task.teacher_on(source.device)
+        teacher = self.teacher.to(source.device)  # moved once; a no-op afterwards
         teacher_states, teacher_mask = teacher.hidden_states(source.float(), padding_mask)
         student = model(source=source, padding_mask=padding_mask)
 
@@ -190,7 +207,7 @@ class LayerDistillCriterion(FairseqCriterion):
         logging_output: Dict[str, torch.Tensor] = {}
         sample_size = None
         for target in self.targets:
-            prediction = student[target.kind][target.key]
+            prediction = student_output(student, target)
             s, t, valid = align_to_teacher(
                 prediction, teacher_target(teacher_states, target.teacher_layers), teacher_mask
             )

@@ -24,13 +24,10 @@ from typing import Any, Dict, Mapping
 
 import torch
 
-from fairseq_kd import checkpoints
-from fairseq_kd.models.thin_hubert import ThinHubertConfig, ThinHubertModel, check_config
+from fairseq_kd.encoders.pretrained import CTC_MODELS, STUDENT_MODELS, encoder_state, model_name, read_checkpoint
+from fairseq_kd.models.thin_hubert import HEAD_MODULES, ThinHubertConfig, ThinHubertModel, check_config
 
-STUDENT_MODELS = ("thin_hubert", "thin_hubert_w2v")
-CTC_MODELS = ("hubert_ctc", "wav2vec_ctc")
 TEACHER_MODELS = ("hubert", "wav2vec2", "data2vec_audio")
-CTC_ENCODER_PREFIX = "w2v_encoder.w2v_model."  # HubertEncoder and Wav2VecEncoder both name it so
 EXPORT_HELP = (
     "pass a distillation checkpoint (checkpoint_best.pt / checkpoint_last.pt written by "
     "fairseq-hydra-train --config-name thin_deep|distilhubert|...) or a CTC model fine-tuned from "
@@ -52,8 +49,9 @@ class LoadedStudent:
     model_cfg: Dict[str, Any]  # the thin_hubert fields the model was built from
 
 
-def read_fairseq_checkpoint(path: str) -> Dict[str, Any]:
-    """fairseq's own loader (legacy ``args`` upgraded to ``cfg``), with errors that name the file."""
+def read_student_checkpoint(path: str) -> Dict[str, Any]:
+    """The project's checked reader (``encoders/pretrained.read_checkpoint``), after refusing this
+    command's own outputs (a standalone ``.pt2`` archive, an ONNX file) with what to pass instead."""
     path = os.fspath(path)
     if os.path.isfile(path) and _is_standalone_archive(path):
         raise ExportInputError(
@@ -62,7 +60,7 @@ def read_fairseq_checkpoint(path: str) -> Dict[str, Any]:
         )
     if os.path.isfile(path) and path.endswith(".onnx"):
         raise ExportInputError(f"{path} is an ONNX model: export from the fairseq checkpoint instead; {EXPORT_HELP}")
-    return checkpoints.read_fairseq_checkpoint(path, path, EXPORT_HELP, ExportInputError)
+    return read_checkpoint(path, path, EXPORT_HELP, ExportInputError)
 
 
 def _is_standalone_archive(path: str) -> bool:
@@ -76,48 +74,21 @@ def _is_standalone_archive(path: str) -> bool:
 def load_student(path: str) -> LoadedStudent:
     """The student of a distillation or fine-tuned checkpoint, built and strictly loaded, in eval mode."""
     path = os.fspath(path)
-    state = read_fairseq_checkpoint(path)
-    cfg = state["cfg"]
-    name = cfg.model.get("_name", None)
-    task_cfg = cfg.get("task") or {}
-
-    if name in STUDENT_MODELS:
-        source, student_cfg, weights = "distillation", cfg.model, dict(state["model"])
-        normalize = task_cfg.get("normalize", False)
-    elif name in CTC_MODELS:
-        w2v_args = cfg.model.get("w2v_args", None)
-        inner = w2v_args.get("model", None) if w2v_args is not None else None
-        inner_name = inner.get("_name", None) if inner is not None else None
-        if inner_name is None:
-            raise ExportInputError(
-                f"{path} is a {name} checkpoint without w2v_args (the pre-trained model's config), so "
-                f"it does not say which encoder it holds; fine-tune with task=kd_audio_finetuning (or "
-                f"audio_finetuning), which stores it: {EXPORT_HELP}"
-            )
-        if inner_name not in STUDENT_MODELS:
-            raise ExportInputError(
-                f"{path} is a {name} model fine-tuned from a {inner_name!r} model (e.g. a teacher), "
-                f"not from a distilled thin_hubert student; fairseq-kd-export writes students only: "
-                f"{EXPORT_HELP}"
-            )
-        source, student_cfg = name, inner
-        weights = {k[len(CTC_ENCODER_PREFIX):]: v for k, v in state["model"].items() if k.startswith(CTC_ENCODER_PREFIX)}
-        if not weights:
-            raise ExportInputError(
-                f"{path}: {name} checkpoint has no {CTC_ENCODER_PREFIX}* weights (found e.g. "
-                f"{sorted(state['model'])[:3]}): it was not written by fairseq's {name}"
-            )
-        # kd_audio_finetuning checks that fine-tuning normalises as the student was trained
-        normalize = task_cfg.get("normalize", (w2v_args.get("task") or {}).get("normalize", False))
-    elif name in TEACHER_MODELS:
+    state = read_student_checkpoint(path)
+    name = model_name(state["cfg"])
+    if name in TEACHER_MODELS:
         raise ExportInputError(
             f"{path} holds a fairseq {name!r} model: a teacher (or another pre-trained model), not a "
             f"distilled student. Distil it first (fairseq-hydra-train --config-name thin_deep "
             f"task.teacher_path={path} ...), then {EXPORT_HELP}"
         )
-    else:
+    if name not in STUDENT_MODELS + CTC_MODELS:
         raise ExportInputError(f"{path} holds a {name!r} model, not a distilled student: {EXPORT_HELP}")
-
+    fix = f"not from a distilled thin_hubert student; fairseq-kd-export writes students only: {EXPORT_HELP}"
+    found = encoder_state(state, path, ExportInputError, STUDENT_MODELS, fix)
+    del state
+    source = "distillation" if found.source == "pretrained" else found.source
+    student_cfg, weights, normalize = found.cfg.model, found.weights, found.normalize
     model_cfg = _student_config(student_cfg, path)
     model = ThinHubertModel(model_cfg)
     model.remove_pretraining_modules()
@@ -128,7 +99,7 @@ def load_student(path: str) -> LoadedStudent:
         path=path,
         source=source,
         normalize=bool(normalize),
-        sample_rate=int(task_cfg.get("sample_rate", 16000) or 16000),
+        sample_rate=found.sample_rate,
         model_cfg={f.name: getattr(model_cfg, f.name) for f in fields(model_cfg)},
     )
 
@@ -169,7 +140,7 @@ def _load_weights(model: ThinHubertModel, weights: Dict[str, torch.Tensor], path
     # heads were set to None: their keys are ignorable under strict loading (thin_hubert.py)
     own = model.state_dict()
     missing = sorted(k for k in own if k not in weights)
-    unexpected = sorted(k for k in weights if k not in own and k.split(".", 1)[0] not in ("hint_heads", "pred_head"))
+    unexpected = sorted(k for k in weights if k not in own and k.split(".", 1)[0] not in HEAD_MODULES)
     shapes = sorted(
         f"{k}: checkpoint {tuple(weights[k].shape)} vs config {tuple(v.shape)}"
         for k, v in own.items()

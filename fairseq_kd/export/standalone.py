@@ -45,14 +45,13 @@ import hashlib
 import json
 import os
 import tempfile
-import types
 from typing import Any, Dict, List, Optional, Tuple
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from fairseq_kd.encoders.frames import receptive_field, reduced_lengths, repeat_frames, samples_per_frame
 from fairseq_kd.export.checkpoints import LoadedStudent
 from fairseq_kd.models.thin_hubert import ThinHubertModel
 from fairseq_kd.s3prl_upstream.runtime import FORMAT, FORMAT_VERSION, META_NAME
@@ -110,25 +109,6 @@ class SdpaSelfAttention(nn.Module):
         return out.transpose(0, 1), None
 
 
-def reduce_time_right_padded(self, x: torch.Tensor, padding_mask: Optional[torch.Tensor]):
-    """``ThinTransformerEncoder.reduce_time`` for right-padded masks, without reshaping the mask.
-
-    Same function (thin_hubert.py): a reduced frame is padding iff all its source frames are, so
-    a row with ``n`` valid frames keeps ``ceil(n / r)``. Computing that from the lengths avoids
-    the ``view(B, -1, r)`` whose divisibility torch.export cannot always prove symbolically.
-    """
-    r = self.time_reduction_factor
-    if padding_mask is not None:
-        x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-    x = F.pad(x, (0, 0, 0, (-x.size(1)) % r))
-    x = self.time_reduction(x.transpose(1, 2)).transpose(1, 2)
-    if padding_mask is not None:
-        valid = (~padding_mask).sum(-1)
-        kept = torch.div(valid + (r - 1), r, rounding_mode="floor")
-        padding_mask = torch.arange(x.size(1), device=x.device).unsqueeze(0) >= kept.unsqueeze(1)
-    return x, padding_mask
-
-
 class StudentEncoder(nn.Module):
     """The student's inference path with the standalone signature (see the module docstring).
 
@@ -137,7 +117,7 @@ class StudentEncoder(nn.Module):
     weight norm of the positional convolution folded into a plain weight (torch.export would
     see an attribute assigned by a hook), ``required_seq_len_multiple`` set to 1 (its padding
     is masked and cut off again, so it never changes the outputs), fairseq's attention computed
-    by :class:`SdpaSelfAttention`, the time reduction by :func:`reduce_time_right_padded`.
+    by :class:`SdpaSelfAttention`.
     """
 
     def __init__(self, student: ThinHubertModel) -> None:
@@ -152,8 +132,6 @@ class StudentEncoder(nn.Module):
         elif hasattr(pos_conv, "parametrizations"):
             torch.nn.utils.parametrize.remove_parametrizations(pos_conv, "weight")
         model.encoder.required_seq_len_multiple = 1
-        if model.encoder.time_reduction is not None:  # our masks are right-padded (from lengths)
-            model.encoder.reduce_time = types.MethodType(reduce_time_right_padded, model.encoder)
         for layer in model.encoder.layers:
             if SdpaSelfAttention.replaceable(getattr(layer, "self_attn", None)):
                 layer.self_attn = SdpaSelfAttention(layer.self_attn)
@@ -181,9 +159,8 @@ class StudentEncoder(nn.Module):
         layers, _ = model.encoder(x, padding_mask)
         outputs = []
         for layer_id, hidden in enumerate([x] + layers):
-            if self.reduced[layer_id]:
-                hidden = hidden.repeat_interleave(self.factor, dim=1)
-            outputs.append(hidden[:, :num_frames])
+            factor = self.factor if self.reduced[layer_id] else 1
+            outputs.append(repeat_frames(hidden, factor, num_frames))
         # hidden_states: (L + 1, B, T, D), zero beyond each row's frames
         hidden_states = torch.stack(outputs)
         hidden_states = hidden_states.masked_fill(padding_mask[:, :num_frames].unsqueeze(-1), 0.0)
@@ -192,11 +169,7 @@ class StudentEncoder(nn.Module):
 
 def min_samples(model: ThinHubertModel) -> int:
     """The fewest samples that give one CNN frame (the CNN's receptive field: 400 for HuBERT's)."""
-    receptive, jump = 1, 1
-    for kernel, stride in model.conv_kernels_strides:
-        receptive += (kernel - 1) * jump
-        jump *= stride
-    return receptive
+    return receptive_field(model.conv_specs)
 
 
 def reference_hidden_states(model: ThinHubertModel, wavs: torch.Tensor, lengths: torch.Tensor) -> List[torch.Tensor]:
@@ -224,7 +197,7 @@ def parity(model: ThinHubertModel, program: Any, wavs: torch.Tensor, lengths: to
         got = hidden_states[layer_id]
         step = factor if model.is_time_reduced(layer_id) else 1
         for row, valid in enumerate(frame_lengths.tolist()):
-            n = -(-valid // step)  # reduced frames kept: ceil (thin_hubert.py)
+            n = int(reduced_lengths(valid, step))  # the reduced frames the row keeps (an int)
             diff = (got[row, :valid:step] - expected[row, :n]).abs().max().item()
             worst = max(worst, diff)
     return worst
@@ -268,8 +241,7 @@ def check_ranges(program: Any, fewest_samples: int) -> None:
 
 def metadata(loaded: LoadedStudent, program_device: str = "cpu") -> Dict[str, Any]:
     model = loaded.model
-    strides = [s for _, s in model.conv_kernels_strides]
-    cnn_rate = int(np.prod(strides))
+    cnn_rate = samples_per_frame(model.conv_specs)
     factor = int(model.cfg.time_reduction_factor)
     num_layers = len(model.encoder.layers)
     return {

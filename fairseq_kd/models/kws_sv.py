@@ -5,7 +5,7 @@
 """``kws_sv``: one speech encoder, a keyword-spotting head and a speaker-embedding head.
 
 Multi-task fine-tuning of a distilled student, as in Kerpicci et al. (arXiv 2210.16611,
-REFERENCE.md section 4): the encoder comes from ``model.w2v_path``, a distilled ``thin_hubert``
+docs/papers.md#multi-task-kws-and-sv-distillation): the encoder comes from ``model.w2v_path``, a distilled ``thin_hubert``
 checkpoint or a fairseq HuBERT / wav2vec 2.0 one (the full-size comparison). It is rebuilt the way
 fairseq's ``hubert_ctc`` does (``load_checkpoint_to_cpu`` + ``setup_task`` + ``build_model(...,
 from_checkpoint=True)`` + ``remove_pretraining_modules``), which never needs the distillation
@@ -32,7 +32,6 @@ the weighted sum and the padding mask are those of the CNN rate.
 """
 
 import contextlib
-import inspect
 import logging
 from argparse import Namespace
 from dataclasses import dataclass, field
@@ -46,18 +45,24 @@ from omegaconf import MISSING, open_dict
 from fairseq.dataclass import FairseqDataclass
 from fairseq.dataclass.utils import convert_namespace_to_omegaconf
 from fairseq.models import BaseFairseqModel, register_model
-from fairseq.modules import GradMultiply
 
-from fairseq_kd.checkpoints import read_fairseq_checkpoint
-from fairseq_kd.teacher import conv_specs, frames_padding_mask, padding_exact_cnn
+from fairseq_kd.encoders.frames import conv_specs, repeat_frames
+from fairseq_kd.encoders.layers import fairseq_hidden_states
+from fairseq_kd.encoders.pretrained import (
+    FAIRSEQ_ENCODERS,
+    STUDENT_MODELS,
+    apply_model_overrides,
+    build_encoder,
+    check_channel_masking,
+    encoder_state,
+    is_fine_tuned,
+    read_checkpoint,
+    trained_normalize,
+)
 
 logger = logging.getLogger(__name__)
 
-THIN_HUBERT = ("thin_hubert", "thin_hubert_w2v")
-FAIRSEQ_ENCODERS = ("hubert", "wav2vec2")
-ENCODERS = THIN_HUBERT + FAIRSEQ_ENCODERS
-# HuBERT's label embeddings: sized by the pre-training label dictionaries, unused by the heads
-HUBERT_LABEL_EMBEDDINGS = "label_embs_concat"
+ENCODERS = STUDENT_MODELS + FAIRSEQ_ENCODERS
 
 
 class KwsSvModelError(ValueError):
@@ -131,18 +136,21 @@ class KwsSvModelConfig(FairseqDataclass):
 
 
 # -- the encoder checkpoint --------------------------------------------------------------------------
-def read_encoder_checkpoint(path: str) -> Dict[str, Any]:
-    """Load ``model.w2v_path`` with fairseq's reader; errors say what to pass instead."""
+ENCODER_HELP = (
+    "give the distilled student's checkpoint_last.pt / checkpoint_best.pt, or a fairseq HuBERT / "
+    "wav2vec 2.0 checkpoint"
+)
+
+
+def read_encoder_checkpoint(path: str):
+    """``model.w2v_path``'s encoder config and weights; errors say what to pass instead."""
     key = "model.w2v_path"
     if path in (None, "", "???"):
         raise KwsSvModelError(f"{key} is not set: give a distilled student (or HuBERT / wav2vec 2.0) checkpoint")
-    state = read_fairseq_checkpoint(
-        path, f"{key}={path}", "give the distilled student's checkpoint_last.pt / checkpoint_best.pt, "
-        "or a fairseq HuBERT / wav2vec 2.0 checkpoint", KwsSvModelError,
-    )
+    state = read_checkpoint(path, f"{key}={path}", ENCODER_HELP, KwsSvModelError)
     cfg = state["cfg"]
     name = cfg.model.get("_name", None)
-    if "w2v_path" in cfg.model or "w2v_args" in cfg.model:
+    if is_fine_tuned(cfg.model):
         raise KwsSvModelError(
             f"{key}={path} is already a fine-tuned model ({name}): fine-tune from the distilled student "
             f"or the pre-trained checkpoint it came from; evaluate this one with fairseq-kd-eval-kws-sv"
@@ -150,12 +158,8 @@ def read_encoder_checkpoint(path: str) -> Dict[str, Any]:
             f"{key}={path} is already a fine-tuned model ({name}): give the pre-trained checkpoint it was "
             f"fine-tuned from"
         )
-    if name not in ENCODERS:
-        raise KwsSvModelError(
-            f"{key}={path} holds a {name!r} model; the encoder must be one of {', '.join(ENCODERS)} "
-            f"(a distilled student is thin_hubert)"
-        )
-    return state
+    fix = f"the encoder must be one of {', '.join(ENCODERS)} (a distilled student is thin_hubert)"
+    return encoder_state(state, f"{key}={path}", KwsSvModelError, ENCODERS, fix)
 
 
 def encoder_overrides(cfg: KwsSvModelConfig) -> Dict[str, Any]:
@@ -175,92 +179,6 @@ def encoder_overrides(cfg: KwsSvModelConfig) -> Dict[str, Any]:
         # fairseq pads T to a multiple of 2 otherwise (an utterance's frames would depend on its batch)
         "required_seq_len_multiple": 1,
     }
-
-
-def apply_overrides(w2v_args, overrides: Dict[str, Any]) -> None:
-    from fairseq.models import MODEL_DATACLASS_REGISTRY
-
-    known = MODEL_DATACLASS_REGISTRY[w2v_args.model._name].__dataclass_fields__
-    with open_dict(w2v_args):
-        for key, value in overrides.items():
-            if key in known:
-                w2v_args.model[key] = value
-
-
-def build_encoder(w2v_args, state: Optional[Dict[str, Any]]) -> nn.Module:
-    """Rebuild the encoder from its config; load ``state``'s weights (strictly) when given."""
-    from fairseq import tasks
-
-    task = tasks.setup_task(w2v_args.task)  # thin_hubert's distill_hubert never loads the teacher here
-    kind = w2v_args.model._name
-    if kind == "hubert":
-        # HuBERT's label dictionaries only size the pre-training outputs; building without them
-        # leaves those out, so neither the k-means label folder nor the task state is needed
-        task.load_state_dict({"dictionaries": [None]})
-    if "from_checkpoint" in inspect.getfullargspec(task.build_model).args:
-        model = task.build_model(w2v_args.model, from_checkpoint=True)
-    else:
-        model = task.build_model(w2v_args.model)
-    if state is not None:
-        weights = {k: v for k, v in state["model"].items() if k != HUBERT_LABEL_EMBEDDINGS}
-        try:
-            model.load_state_dict(weights, strict=True)
-        except RuntimeError as error:
-            raise KwsSvModelError(
-                f"the weights of the encoder checkpoint do not fit the model its cfg describes "
-                f"({str(error).splitlines()[0]} ...)"
-            ) from None
-    model.remove_pretraining_modules()
-    return model
-
-
-# -- hidden states -----------------------------------------------------------------------------------
-def fairseq_hidden_states(
-    model: nn.Module,
-    specs,
-    source: torch.Tensor,
-    padding_mask: Optional[torch.Tensor],
-    mask: bool,
-    feature_grad_mult: float,
-) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
-    """A fairseq HuBERT / wav2vec 2.0 model's hidden states [CNN feature, layer 1, ..., layer L]."""
-    lengths = (~padding_mask).sum(-1) if padding_mask is not None else None
-    if feature_grad_mult > 0:
-        features = padding_exact_cnn(model, specs, source, lengths)
-        if feature_grad_mult != 1.0:
-            features = GradMultiply.apply(features, feature_grad_mult)
-    else:
-        with torch.no_grad():
-            features = padding_exact_cnn(model, specs, source, lengths)
-    # features: (B, C, T)
-    frame_mask = frames_padding_mask(padding_mask, specs, features.size(-1))
-    # frame_mask: (B, T), True = pad
-    x = model.layer_norm(features.transpose(1, 2))
-    if model.post_extract_proj is not None:
-        x = model.post_extract_proj(x)
-    x = model.dropout_input(x)
-    if mask:
-        x, _ = model.apply_mask(x, frame_mask, None)
-    # x: (B, T, D)
-    attention_mask = frame_mask if frame_mask is not None and bool(frame_mask.any()) else None
-    # (extract_features zeroes x's padded frames in place, as fairseq's own forward does)
-    _, layer_results = model.encoder.extract_features(x, padding_mask=attention_mask)
-    layers = [result[0].transpose(0, 1) for result in layer_results]  # (T, B, D) -> (B, T, D)
-    if model.encoder.layer_norm_first:
-        layers[-1] = model.encoder.layer_norm(layers[-1])
-    return [x] + layers, frame_mask
-
-
-def to_common_rate(states: List[torch.Tensor], masks: List[Optional[torch.Tensor]]):
-    """Repeat time-reduced hidden states back to the rate of ``states[0]``; its mask goes with them."""
-    frames = states[0].size(1)
-    aligned = []
-    for h in states:
-        if h.size(1) != frames:
-            factor = -(-frames // h.size(1))  # ceil: a reduced frame covers ``factor`` CNN frames
-            h = h.repeat_interleave(factor, dim=1)[:, :frames]
-        aligned.append(h)
-    return aligned, masks[0]
 
 
 # -- heads -------------------------------------------------------------------------------------------
@@ -349,7 +267,7 @@ class KwsSvModel(BaseFairseqModel):
         self.feature_grad_mult = cfg.feature_grad_mult
         self.apply_mask = cfg.apply_mask
         self.num_updates = 0
-        self.specs = None if self.kind in THIN_HUBERT else conv_specs(encoder)
+        self.specs = None if self.kind in STUDENT_MODELS else conv_specs(encoder)
         num_layers = len(encoder.encoder.layers)
         num_states = num_layers + 1
         embed_dim = int(cfg.w2v_args.model.encoder_embed_dim)
@@ -373,23 +291,23 @@ class KwsSvModel(BaseFairseqModel):
     def build_model(cls, cfg: KwsSvModelConfig, task):
         normalize = bool(task.cfg.normalize)
         if cfg.w2v_args is None:
-            state = read_encoder_checkpoint(cfg.w2v_path)
-            w2v_args = state["cfg"]
-            trained_normalize = bool(w2v_args.task.get("normalize", w2v_args.model.get("normalize", False)))
-            if trained_normalize != normalize:
+            found = read_encoder_checkpoint(cfg.w2v_path)
+            w2v_args, weights = found.cfg, found.weights
+            if trained_normalize(w2v_args) != normalize:
+                was = str(trained_normalize(w2v_args)).lower()
                 raise KwsSvModelError(
                     f"task.normalize={str(normalize).lower()} but the encoder {cfg.w2v_path} was trained with "
-                    f"normalize={str(trained_normalize).lower()}: set task.normalize={str(trained_normalize).lower()}"
+                    f"normalize={was}: set task.normalize={was}"
                 )
-            check_masking(cfg, w2v_args.model)
+            check_channel_masking(cfg, w2v_args.model, KwsSvModelError)
         else:
-            state = None
+            weights = None  # the fine-tuned checkpoint's own weights are loaded after the build
             w2v_args = cfg.w2v_args
             if isinstance(w2v_args, Namespace):
                 w2v_args = convert_namespace_to_omegaconf(w2v_args)
-        apply_overrides(w2v_args, encoder_overrides(cfg))
-        encoder = build_encoder(w2v_args, state)
-        del state
+        apply_model_overrides(w2v_args, encoder_overrides(cfg))
+        encoder = build_encoder(w2v_args, weights, f"model.w2v_path={cfg.w2v_path}", KwsSvModelError)
+        del weights
         with open_dict(cfg):
             cfg.w2v_args = w2v_args
         if cfg.finetune_top_layers > len(encoder.encoder.layers):
@@ -425,10 +343,16 @@ class KwsSvModel(BaseFairseqModel):
     ) -> Tuple[List[torch.Tensor], Optional[torch.Tensor]]:
         """[CNN feature, layer 1, ..., layer L], each (B, T, D) at the CNN rate, and the (B, T) mask."""
         mask = self.apply_mask and self.training
-        if self.kind in THIN_HUBERT:
+        if self.kind in STUDENT_MODELS:
             res = self.w2v_model.encode(source, padding_mask=padding_mask, mask=mask)
-            return to_common_rate(res["hidden_states"], res["padding_masks"])
-        return fairseq_hidden_states(self.w2v_model, self.specs, source, padding_mask, mask, self.feature_grad_mult)
+            states = res["hidden_states"]
+            factor = self.w2v_model.cfg.time_reduction_factor
+            frames = states[0].size(1)
+            reduced = [self.w2v_model.is_time_reduced(l) for l in range(len(states))]
+            return [repeat_frames(h, factor, frames) if r else h for h, r in zip(states, reduced)], res["padding_masks"][0]
+        return fairseq_hidden_states(
+            self.w2v_model, self.specs, source, padding_mask, mask=mask, feature_grad_mult=self.feature_grad_mult
+        )
 
     def forward(self, source: torch.Tensor, padding_mask: Optional[torch.Tensor] = None, **kwargs) -> Dict[str, Any]:
         """source: (B, S) waveform, padding_mask: (B, S) True = pad.
@@ -449,13 +373,3 @@ class KwsSvModel(BaseFairseqModel):
     def speaker_cosine(self, embedding: torch.Tensor) -> torch.Tensor:
         """Cosine similarity (B, num_speakers) of embeddings to the training speakers' centres."""
         return F.linear(F.normalize(embedding.float(), dim=-1), F.normalize(self.speaker_weight.float(), dim=-1))
-
-
-def check_masking(cfg: KwsSvModelConfig, encoder_model_cfg) -> None:
-    """fairseq's ``compute_mask_indices`` fails mid-training when ``prob * dim / length < 1``."""
-    from fairseq_kd.tasks.kd_finetuning import FinetuneInputError, check_channel_masking
-
-    try:
-        check_channel_masking(cfg, encoder_model_cfg)
-    except FinetuneInputError as error:
-        raise KwsSvModelError(str(error)) from None

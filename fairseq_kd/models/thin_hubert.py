@@ -4,7 +4,7 @@
 # LICENSE file in the root directory of this source tree.
 """``thin_hubert``: a small HuBERT-style student for task-agnostic distillation.
 
-One model covers the students of the distillation literature (see docs/REFERENCE.md):
+One model covers the students of the distillation literature (see docs/papers.md):
 
 - DistilHuBERT: HuBERT's CNN + 2 wide layers + prediction heads on the last layer
   (``pred_layer_ids``), one output per predicted teacher layer.
@@ -30,12 +30,10 @@ Conventions:
   convolution output lengths (wav2vec2's rule), so a padded row has the same number of
   valid frames as the same utterance run alone.
 - Time reduction by ``r`` right-pads T to a multiple of ``r`` and maps frames
-  ``[j*r, (j+1)*r)`` to reduced frame ``j``. A reduced frame is padding only if ALL its
-  source frames are padding (fairseq ``forward_padding_mask`` uses ``.all(-1)`` too), so an
-  utterance of ``n`` valid frames keeps ``ceil(n / r)`` frames. This is the right rule for
-  CTC: no audio is dropped (FitHuBERT's OR rule gives ``floor(n / r)`` and zero frames for
-  a one-frame input, which CTC cannot align), and since padded frames are zeroed before the
-  reduction, the mixed last frame equals what the utterance produces on its own.
+  ``[j*r, (j+1)*r)`` to reduced frame ``j``; a reduced frame is padding only if all its
+  source frames are, so an utterance of ``n`` valid frames keeps ``ceil(n / r)`` frames.
+  The rule and why it is the right one (CTC, padding-exactness) are in
+  ``fairseq_kd/encoders/frames.py``, which every other part of the project uses too.
 """
 
 import logging
@@ -63,6 +61,15 @@ from fairseq.models.wav2vec.wav2vec2 import (
 )
 from fairseq.modules import GradMultiply, LayerNorm
 from fairseq.modules.transformer_sentence_encoder import init_bert_params
+
+from fairseq_kd.encoders.frames import (
+    conv_output_lengths,
+    frames_padding_mask,
+    pad_to_multiple_of,
+    reduce_padding_mask,
+    samples_per_frame,
+    specs_from_fields,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -469,7 +476,7 @@ class ThinTransformerEncoder(nn.Module):
     def reduce_time(
         self, x: torch.Tensor, padding_mask: Optional[torch.Tensor]
     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Reduce the frame rate by ``time_reduction_factor`` (see the module docstring).
+        """Reduce the frame rate by ``time_reduction_factor`` (the rule: ``encoders/frames.py``).
 
         x: (B, T, C) -> (B, ceil(T / r), C); padding_mask: (B, T) -> (B, ceil(T / r)).
         """
@@ -477,14 +484,8 @@ class ThinTransformerEncoder(nn.Module):
         if padding_mask is not None:
             # zero padded frames so a half-padded reduced frame equals the lone utterance's
             x = x.masked_fill(padding_mask.unsqueeze(-1), 0.0)
-        extra = (-x.size(1)) % r
-        if extra > 0:
-            x = F.pad(x, (0, 0, 0, extra))  # created on x's device
-        if padding_mask is not None:
-            padding_mask = F.pad(padding_mask, (0, extra), value=True)
-            padding_mask = padding_mask.view(padding_mask.size(0), -1, r).all(-1)
-        x = self.time_reduction(x.transpose(1, 2)).transpose(1, 2)
-        return x, padding_mask
+        x = self.time_reduction(pad_to_multiple_of(x, r).transpose(1, 2)).transpose(1, 2)
+        return x, reduce_padding_mask(padding_mask, r)
 
     def forward_layer(
         self,
@@ -558,7 +559,7 @@ class ThinHubertModel(BaseFairseqModel):
             mode=cfg.extractor_mode,
             conv_bias=cfg.conv_bias,
         )
-        self.conv_kernels_strides = [(k, s) for _, k, s in conv_layers]
+        self.conv_specs = specs_from_fields(cfg.conv_channels, cfg.conv_kernels, cfg.conv_strides)
         self.layer_norm = LayerNorm(self.embed)
         self.post_extract_proj = (
             nn.Linear(self.embed, cfg.encoder_embed_dim)
@@ -653,10 +654,7 @@ class ThinHubertModel(BaseFairseqModel):
 
     def get_feat_extract_output_lengths(self, input_lengths: torch.Tensor) -> torch.Tensor:
         """Exact number of CNN frames for each number of input samples."""
-        lengths = input_lengths
-        for kernel, stride in self.conv_kernels_strides:
-            lengths = torch.div(lengths - kernel, stride, rounding_mode="floor") + 1
-        return lengths.clamp(min=0)
+        return conv_output_lengths(input_lengths, self.conv_specs)
 
     def forward_padding_mask(
         self, features: torch.Tensor, padding_mask: torch.Tensor
@@ -666,10 +664,7 @@ class ThinHubertModel(BaseFairseqModel):
         Uses the exact CNN output lengths of the unpadded samples (right padding), so a
         padded row has as many valid frames as the utterance alone.
         """
-        input_lengths = (~padding_mask).long().sum(-1)
-        output_lengths = self.get_feat_extract_output_lengths(input_lengths)
-        frames = torch.arange(features.size(1), device=features.device)
-        return frames.unsqueeze(0) >= output_lengths.unsqueeze(1)
+        return frames_padding_mask(padding_mask, self.conv_specs, features.size(1))
 
     def apply_mask(
         self, x: torch.Tensor, padding_mask: Optional[torch.Tensor]
@@ -920,7 +915,7 @@ class ThinHubertModel(BaseFairseqModel):
     def output_frame_rate(cfg: Any, sample_rate: int = SAMPLE_RATE) -> float:
         """Frames per second at the output (after the time reduction)."""
         cfg = as_thin_hubert_config(cfg)
-        return sample_rate / float(np.prod(cfg.conv_strides)) / cfg.time_reduction_factor
+        return cnn_frame_rate(cfg, sample_rate) / cfg.time_reduction_factor
 
     @staticmethod
     def macs_breakdown(
@@ -979,9 +974,15 @@ class ThinHubertModel(BaseFairseqModel):
             "params_heads": with_heads - without_heads,
             "macs_per_10s": sum(breakdown.values()),
             "macs_per_10s_breakdown": breakdown,
-            "cnn_frame_rate": SAMPLE_RATE / float(np.prod(cfg.conv_strides)),
+            "cnn_frame_rate": cnn_frame_rate(cfg),
             "output_frame_rate": cls.output_frame_rate(cfg),
         }
+
+
+def cnn_frame_rate(cfg: Any, sample_rate: int = SAMPLE_RATE) -> float:
+    """Frames per second after the CNN (50 Hz for HuBERT's)."""
+    specs = specs_from_fields(cfg.conv_channels, cfg.conv_kernels, cfg.conv_strides)
+    return sample_rate / float(samples_per_frame(specs))
 
 
 def _is_time_reduced(cfg: ThinHubertConfig, layer_id: int) -> bool:

@@ -22,23 +22,20 @@ the uninterrupted run would have (fairseq already restores the batch order).
 
 
 import logging
-import math
 import os
 import shutil
 from dataclasses import dataclass, field
-from typing import List, Optional, Sequence
+from typing import Optional
 
-import numpy as np
-import torch
-from fairseq.data.audio.raw_audio_dataset import BinarizedAudioDataset, FileAudioDataset, RawAudioDataset
 from fairseq.dataclass import ChoiceEnum
-from fairseq.distributed import utils as distributed_utils
 from fairseq.tasks import register_task
 from fairseq.tasks.audio_pretraining import AudioPretrainingConfig, AudioPretrainingTask
 from omegaconf import II, MISSING
 from omegaconf.errors import MissingMandatoryValue
 
 from fairseq_kd.data.audio_checks import validated_manifest
+from fairseq_kd.data.seeded_crops import seed_crops, task_crop_seed
+from fairseq_kd.distributed import check_replicas
 from fairseq_kd.teacher import FrozenTeacher, TeacherError, check_layers
 
 logger = logging.getLogger(__name__)
@@ -96,14 +93,19 @@ class DistillHubertConfig(AudioPretrainingConfig):
 class DistillHubertTask(AudioPretrainingTask):
     cfg: DistillHubertConfig
 
-    def __init__(self, cfg: DistillHubertConfig):
+    def __init__(self, cfg: DistillHubertConfig, teacher: Optional[FrozenTeacher] = None):
         super().__init__(cfg)
-        self._teacher: Optional[FrozenTeacher] = None
-        self.student_cfg = None
+        self._teacher = teacher
 
     @classmethod
-    def setup_task(cls, cfg: DistillHubertConfig, **kwargs):
-        return cls(cfg)  # no file I/O: hubert_ctc / wav2vec_ctc rebuild this task when fine-tuning
+    def setup_task(cls, cfg: DistillHubertConfig, teacher: Optional[FrozenTeacher] = None, **kwargs):
+        """No file I/O: hubert_ctc / wav2vec_ctc rebuild this task when fine-tuning.
+
+        ``teacher``: an already built teacher (the benchmark's random HuBERT Base, the report's
+        loaded one) used instead of reading ``task.teacher_path``; ``tasks.setup_task(cfg,
+        teacher=...)`` passes it through.
+        """
+        return cls(cfg, teacher=teacher)
 
     # -- data ------------------------------------------------------------------------------------
     def load_dataset(self, split: str, task_cfg=None, **kwargs):
@@ -176,17 +178,12 @@ class DistillHubertTask(AudioPretrainingTask):
         )
         return teacher
 
-    def teacher_on(self, device) -> FrozenTeacher:
-        """The teacher on the device of the batch (moved once, lazily)."""
-        return self.teacher.to(device)
-
     def build_model(self, model_cfg, from_checkpoint: bool = False):
         model = super().build_model(model_cfg, from_checkpoint)
         if from_checkpoint:
             return model  # fine-tuning / decoding: never touch the teacher
         teacher = self.teacher
         check_student_against_teacher(model_cfg, teacher)
-        self.student_cfg = model_cfg  # lets the criterion check its layer mapping before training
         copied = model.init_from_teacher(
             teacher.model.state_dict(),
             teacher.cfg.model,
@@ -208,150 +205,3 @@ def check_student_against_teacher(model_cfg, teacher: FrozenTeacher) -> None:
             f"has {teacher.embed_dim}-dimensional layers: set model.teacher_embed_dim={teacher.embed_dim}"
         )
     check_layers(teacher, model_cfg.pred_layer_ids, "model.pred_layer_ids")
-
-
-# -- seeded crops --------------------------------------------------------------------------------
-# fairseq's RawAudioDataset.collater crops every utterance longer than the batch's target length at
-# an offset from np.random.randint, i.e. numpy's global generator. That generator is seeded once
-# when training starts (fairseq_cli/train.py) and then advanced by every crop, in whichever thread
-# collates (the BufferedIterator prefetch thread, or each DataLoader worker). After a resume it is
-# re-seeded, so from the first cropped batch on, a resumed run trains on different crops than the
-# uninterrupted run, although fairseq restores the batch order exactly.
-
-
-def task_crop_seed(cfg) -> int:
-    """``task.seed`` (= ``common.seed``), or 1 where the task config is used outside a training config."""
-    try:
-        seed = cfg.seed
-    except Exception:  # an unresolvable ${common.seed} (task config built on its own)
-        return 1
-    return abs(seed) if isinstance(seed, int) else 1
-
-
-class SeededCropsMixin(RawAudioDataset):
-    """Crop offsets from a generator seeded by (seed, epoch, utterance id).
-
-    A RawAudioDataset subclass (not a plain mixin) so that the combined classes keep the object
-    layout of fairseq's datasets, which lets ``seed_crops`` switch a loaded dataset's class.
-    """
-
-    crop_seed: int = 1
-    crop_epoch: int = 1  # validation never calls set_epoch: its crops stay those of epoch 1
-
-    def set_epoch(self, epoch):
-        super().set_epoch(epoch)
-        self.crop_epoch = epoch
-
-    def collater(self, samples):
-        # the crop fairseq's collater would do, done first with seeded offsets; the collater then
-        # finds every source already at its target length (same target: see crop_target)
-        kept = [s for s in samples if s["source"] is not None]
-        if kept:
-            target = self.crop_target([len(s["source"]) for s in kept])
-            samples = [
-                s if s["source"] is None else {**s, "source": self.seeded_crop(s["source"], target, int(s["id"]))}
-                for s in samples
-            ]
-        return super().collater(samples)
-
-    def crop_target(self, sizes: List[int]) -> int:
-        """RawAudioDataset.collater's target length (unchanged by cropping to it)."""
-        return min(max(sizes) if self.pad else min(sizes), self.max_sample_size)
-
-    def seeded_crop(self, wav: torch.Tensor, target_size: int, index: int) -> torch.Tensor:
-        diff = len(wav) - target_size
-        if diff <= 0:
-            return wav
-        rng = np.random.default_rng([self.crop_seed, self.crop_epoch, index])
-        start = int(rng.integers(0, diff + 1))
-        return wav[start : start + target_size]
-
-
-class SeededCropsFileAudioDataset(SeededCropsMixin, FileAudioDataset):
-    pass
-
-
-class SeededCropsBinarizedAudioDataset(SeededCropsMixin, BinarizedAudioDataset):
-    pass
-
-
-SEEDED_CLASSES = {
-    FileAudioDataset: SeededCropsFileAudioDataset,
-    BinarizedAudioDataset: SeededCropsBinarizedAudioDataset,
-}
-
-
-def seed_crops(dataset, seed: int) -> None:
-    """Give a loaded fairseq audio dataset seeded crop offsets (other datasets are left alone)."""
-    if isinstance(dataset, SeededCropsMixin):
-        dataset.crop_seed = seed
-        return
-    seeded = SEEDED_CLASSES.get(type(dataset))
-    if seeded is None:
-        logger.warning(
-            f"task.seeded_crops: {type(dataset).__name__} is not one of fairseq's audio datasets; "
-            "its crops are left as they are"
-        )
-        return
-    # same instance, same state: only the collater changes (isinstance(…, FileAudioDataset) still holds)
-    dataset.__class__ = seeded
-    dataset.crop_seed = seed
-
-
-class ReplicaMismatchError(RuntimeError):
-    """Data-parallel ranks hold different student weights."""
-
-
-def parameter_checksum(model: torch.nn.Module) -> torch.Tensor:
-    """Sum of every parameter entry in float64 (a 0-dim tensor on the parameters' device)."""
-    params = [p for p in model.parameters()]
-    device = params[0].device if params else torch.device("cpu")
-    total = torch.zeros((), dtype=torch.float64, device=device)
-    for p in params:
-        total += p.detach().to(torch.float64).sum()
-    return total
-
-
-def compare_replica_checksums(checksums: Sequence[float]) -> None:
-    """Raise ``ReplicaMismatchError`` unless all ranks' checksums are bit-identical.
-
-    Replicas of data-parallel training start from one broadcast, apply the same averaged gradients
-    with the same optimiser, and sum their parameters in the same order on the same kind of
-    device, so their float64 sums are equal exactly; any difference means they diverged.
-    """
-    values = [float(c) for c in checksums]
-    differing = [rank for rank, value in enumerate(values) if not _same(value, values[0])]
-    if differing:
-        raise ReplicaMismatchError(
-            f"data-parallel replicas hold different student weights: parameter checksums "
-            f"across {len(values)} ranks: {values} (ranks {differing} differ from rank 0). "
-            "The ranks no longer train one model; stop and check the distributed setup "
-            "(e.g. parameters updated outside the optimizer, or rank-dependent code in the model)"
-        )
-
-
-def _same(a: float, b: float) -> bool:
-    return a == b or (math.isnan(a) and math.isnan(b))  # all-NaN weights are broken, not diverged
-
-
-def check_replicas(model: torch.nn.Module) -> Optional[List[float]]:
-    """All-gather the student's parameter checksum over the data-parallel group and compare.
-
-    Must be called on every rank (it is a collective). Returns the checksums, or None when there
-    is nothing to compare (single process, or a sharded model whose ranks hold different shards).
-    """
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return None
-    if "FullyShardedDataParallel" in type(model).__name__:
-        return None  # FSDP: every rank holds a different shard of the parameters
-    group = distributed_utils.get_data_parallel_group()
-    world_size = distributed_utils.get_data_parallel_world_size()
-    if world_size <= 1:
-        return None
-    local = parameter_checksum(model).reshape(1)
-    gathered = distributed_utils.all_gather(local, group=group)
-    checksums = [float(t.item()) for t in gathered]
-    if distributed_utils.get_global_rank() == 0:
-        logger.info(f"parameter checksums across {world_size} ranks: {checksums}")
-    compare_replica_checksums(checksums)
-    return checksums

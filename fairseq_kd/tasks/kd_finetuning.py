@@ -46,8 +46,8 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.audio_finetuning import AudioFinetuningConfig, AudioFinetuningTask
 
-from fairseq_kd.checkpoints import read_fairseq_checkpoint
-from fairseq_kd.teacher import conv_specs
+from fairseq_kd.encoders.frames import conv_specs, output_lengths, samples_per_frame
+from fairseq_kd.encoders.pretrained import check_channel_masking, is_fine_tuned, read_checkpoint, trained_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +163,7 @@ class KDAudioFinetuningTask(AudioFinetuningTask):
             if self.cfg.labels:
                 check_dictionary_file(self.cfg.data, self.cfg.labels)
             pretrained = check_pretrained_checkpoint(name, model_cfg.w2v_path, bool(self.cfg.normalize))
-            check_channel_masking(model_cfg, pretrained.model)
+            check_channel_masking(model_cfg, pretrained.model, FinetuneInputError)
         model = super().build_model(model_cfg, from_checkpoint)
 
         encoder = getattr(getattr(model, "w2v_encoder", None), "w2v_model", None)
@@ -187,23 +187,16 @@ def time_reduction_factor(model: torch.nn.Module) -> int:
 
 
 def output_frames_fn(model: torch.nn.Module, sample_rate: int) -> Tuple[Callable[[np.ndarray], np.ndarray], float]:
-    """A function from input samples to output frames (conv arithmetic, then ``ceil(T / r)`` for a
-    student with time reduction by ``r``), and the output frame rate.
-
-    thin_hubert keeps ``ceil(T / r)`` frames (a reduced frame is padding only if all its source
-    frames are), so an utterance alone and in a padded batch gets the same count.
-    """
-    specs = [(kernel, stride) for _, kernel, stride in conv_specs(model)]
+    """A function from input samples to output frames (``encoders/frames.output_lengths``: the
+    conv arithmetic, then ``ceil(T / r)`` for a student with time reduction by ``r``, so an
+    utterance alone and in a padded batch gets the same count), and the output frame rate."""
+    specs = conv_specs(model)
     factor = time_reduction_factor(model)
 
     def frames(samples: np.ndarray) -> np.ndarray:
-        lengths = np.asarray(samples, dtype=np.int64)
-        for kernel, stride in specs:
-            lengths = np.maximum((lengths - kernel) // stride + 1, 0)
-        return -(-lengths // factor)  # ceil
+        return output_lengths(samples, specs, factor)
 
-    stride = int(np.prod([s for _, s in specs])) * factor
-    return frames, sample_rate / stride
+    return frames, sample_rate / (samples_per_frame(specs) * factor)
 
 
 def ctc_min_frames(tokens: Sequence[str]) -> int:
@@ -363,13 +356,13 @@ def check_pretrained_checkpoint(ctc_model: str, path: str, normalize: bool):
     key = "model.w2v_path"
     if path in (None, "", "???"):
         raise FinetuneInputError(f"{key} is not set: give the distilled student (or HuBERT / wav2vec 2.0) checkpoint")
-    state = read_fairseq_checkpoint(
+    state = read_checkpoint(
         path, f"{key}={path}", "give the distilled student's checkpoint_best.pt / checkpoint_last.pt "
         "(or a pre-trained HuBERT / wav2vec 2.0 checkpoint)", FinetuneInputError,
     )
     cfg = state["cfg"]
     name = cfg.model.get("_name", None)
-    if "w2v_path" in cfg.model or "w2v_args" in cfg.model:
+    if is_fine_tuned(cfg.model):
         source = cfg.model.get("w2v_path", None)
         raise FinetuneInputError(
             f"{key}={path} is already a fine-tuned model ({name}"
@@ -385,35 +378,13 @@ def check_pretrained_checkpoint(ctc_model: str, path: str, normalize: bool):
             f"{key}={path} holds a {name!r} model; model._name={ctc_model} fine-tunes "
             f"{' / '.join(accepted)} checkpoints (a distilled student is thin_hubert){hint}"
         )
-    task_cfg = cfg.get("task") or {}
-    trained_normalize = bool(task_cfg.get("normalize", cfg.model.get("normalize", False)))
-    if trained_normalize != normalize:
+    was = str(trained_normalize(cfg)).lower()
+    if trained_normalize(cfg) != normalize:
         raise FinetuneInputError(
-            f"task.normalize={str(normalize).lower()} but {path} was trained with normalize="
-            f"{str(trained_normalize).lower()}: set task.normalize={str(trained_normalize).lower()} so "
-            f"fine-tuning feeds the audio the way the model saw it"
+            f"task.normalize={str(normalize).lower()} but {path} was trained with normalize={was}: set "
+            f"task.normalize={was} so fine-tuning feeds the audio the way the model saw it"
         )
     return cfg
-
-
-def check_channel_masking(model_cfg, pretrained_model_cfg) -> None:
-    """fairseq's ``compute_mask_indices`` draws ``int(prob * dim / length + U(0, 1))`` channel spans
-    and fails with an IndexError when that is 0: with ``prob * dim / length < 1`` (a narrow student
-    under the recipes' ``mask_channel_length: 64``) some batch sooner or later crashes training."""
-    prob = float(model_cfg.get("mask_channel_prob", 0.0) or 0.0)
-    length = int(model_cfg.get("mask_channel_length", 0) or 0)
-    dim = pretrained_model_cfg.get("encoder_embed_dim", None)
-    if not model_cfg.get("apply_mask", False) or prob <= 0 or length <= 0 or not dim:
-        return
-    if prob * dim / length < 1:
-        longest = int(prob * dim)
-        raise FinetuneInputError(
-            f"model.mask_channel_prob={prob:g} x encoder_embed_dim {dim} / model.mask_channel_length="
-            f"{length} = {prob * dim / length:.3g} < 1: fairseq's compute_mask_indices then draws no "
-            f"channel span for some batches and fails with an IndexError mid-training. For this "
-            f"{dim}-dimensional model use model.mask_channel_length={max(longest, 1)} or less (or "
-            f"model.mask_channel_prob=0 to switch channel masking off)"
-        )
 
 
 # -- wav2vec_ctc ---------------------------------------------------------------------------------

@@ -60,7 +60,7 @@ from fairseq_kd.data.kws_sv import (
     read_trials,
     split_paths,
 )
-from fairseq_kd.evaluation_kws_sv import verification_metrics
+from fairseq_kd.evaluation.kws_sv import verification_metrics
 
 logger = logging.getLogger(__name__)
 

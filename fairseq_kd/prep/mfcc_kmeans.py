@@ -3,7 +3,7 @@
 This reproduces fairseq's ``examples/hubert/simple_kmeans`` recipe (``dump_mfcc_feature.py``,
 ``learn_kmeans.py``, ``dump_km_label.py``) in one command, without sharded feature dumps::
 
-    python -m fairseq_kd.data.mfcc_kmeans --manifest-dir manifests --splits train valid \\
+    fairseq-kd-mfcc-kmeans --manifest-dir manifests --splits train valid \\
         --n-clusters 100 --out-dir labels/
 
 It writes, in the formats fairseq's ``hubert_pretraining`` task reads (``task.labels=[km]``):
@@ -27,10 +27,8 @@ sample rate (no resampling; they are refused otherwise), multi-channel audio is 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator, List, Optional, Sequence, Tuple
@@ -42,7 +40,7 @@ from fairseq_kd.data.manifest import ManifestRow, read_manifest
 if TYPE_CHECKING:  # sklearn is imported lazily: the module stays importable without it
     from sklearn.cluster import MiniBatchKMeans
 
-logger = logging.getLogger("fairseq_kd.data.mfcc_kmeans")
+logger = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
 WIN_LENGTH = 400  # 25 ms at 16 kHz; also the receptive field of HuBERT's conv feature extractor
@@ -343,138 +341,81 @@ def label_split(
 
 
 # ---------------------------------------------------------------------------------------------
-# CLI
+# The whole recipe (the command line is fairseq_kd/cli/mfcc_kmeans.py)
 # ---------------------------------------------------------------------------------------------
 
 
-def get_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="python -m fairseq_kd.data.mfcc_kmeans",
-        description=(
-            "Make first-iteration HuBERT targets: MFCC (+delta, +delta-delta) features clustered "
-            "with MiniBatchKMeans, written as {split}.km and dict.km.txt for fairseq's "
-            "hubert_pretraining task."
-        ),
-    )
-    parser.add_argument("--manifest-dir", required=True, type=Path,
-                        help="folder with fairseq manifests {split}.tsv")
-    parser.add_argument("--splits", nargs="+", required=True,
-                        help="splits to label, e.g. train valid")
-    parser.add_argument("--out-dir", required=True, type=Path,
-                        help="where to write {split}.km, dict.km.txt and kmeans.joblib")
-    parser.add_argument("--n-clusters", type=int, default=None,
-                        help="number of clusters (fairseq uses 100 for MFCC targets); required "
-                             "unless --kmeans is given")
-    parser.add_argument("--kmeans", type=Path, default=None,
-                        help="label with this previously fitted kmeans.joblib instead of fitting")
-    parser.add_argument("--fit-split", default="train",
-                        help="split whose features k-means is fitted on (default: train)")
-    parser.add_argument("--label-rate", type=int, choices=sorted(HOP_BY_LABEL_RATE), default=100,
-                        help="labels per second: 100 (10 ms hop) or 50 (20 ms hop); must match "
-                             "model.label_rate (default: 100)")
-    parser.add_argument("--percent", type=float, default=1.0,
-                        help="fraction of --fit-split utterances to fit on, in (0, 1] "
-                             "(default: 1.0, all); their features are held in memory, about "
-                             "56 MB per hour of audio at 100 Hz, so use e.g. 0.1 for 960 h")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="seed for the utterance sample and k-means (default: 0)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace existing output files")
-    km = parser.add_argument_group("k-means (defaults: fairseq simple_kmeans/learn_kmeans.py)")
-    km.add_argument("--init", default=KMEANS_DEFAULTS["init"])
-    km.add_argument("--max-iter", type=int, default=KMEANS_DEFAULTS["max_iter"])
-    km.add_argument("--batch-size", type=int, default=KMEANS_DEFAULTS["batch_size"])
-    km.add_argument("--tol", type=float, default=KMEANS_DEFAULTS["tol"])
-    km.add_argument("--max-no-improvement", type=int,
-                    default=KMEANS_DEFAULTS["max_no_improvement"])
-    km.add_argument("--n-init", type=int, default=KMEANS_DEFAULTS["n_init"])
-    km.add_argument("--reassignment-ratio", type=float,
-                    default=KMEANS_DEFAULTS["reassignment_ratio"])
-    return parser
-
-
-def _fit(args: argparse.Namespace, hop: int) -> "MiniBatchKMeans":
-    split = load_split(args.manifest_dir, args.fit_split)
-    indices = sample_rows(len(split.rows), args.percent, args.seed)
+def fit_on_split(
+    manifest_dir: Path, fit_split: str, n_clusters: int, percent: float, seed: int, hop: int,
+    **kmeans_kwargs,
+) -> "MiniBatchKMeans":
+    """Fit k-means on the MFCC features of ``percent`` of the utterances of ``fit_split``."""
+    split = load_split(manifest_dir, fit_split)
+    indices = sample_rows(len(split.rows), percent, seed)
     logger.info(
         "fitting on %d of %d utterances of %s (percent=%g, seed=%d)",
-        len(indices), len(split.rows), split.manifest_path, args.percent, args.seed,
+        len(indices), len(split.rows), split.manifest_path, percent, seed,
     )
     feats = np.concatenate(
         [f for _, f in iter_features(split, hop, SAMPLE_RATE, indices, f"mfcc {split.name}")]
     )
-    logger.info("fitting MiniBatchKMeans(n_clusters=%d) on %s features", args.n_clusters,
-                feats.shape)
-    km = fit_kmeans(
-        feats, args.n_clusters, args.seed,
-        init=args.init, max_iter=args.max_iter, batch_size=args.batch_size, tol=args.tol,
-        max_no_improvement=args.max_no_improvement, n_init=args.n_init,
-        reassignment_ratio=args.reassignment_ratio,
-    )
+    logger.info("fitting MiniBatchKMeans(n_clusters=%d) on %s features", n_clusters, feats.shape)
+    km = fit_kmeans(feats, n_clusters, seed, **kmeans_kwargs)
     logger.info("mean inertia per frame: %.5f", -km.score(feats) / len(feats))
     return km
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = get_parser()
-    args = parser.parse_args(argv)
-    if args.kmeans is None and args.n_clusters is None:
-        parser.error("--n-clusters is required unless --kmeans is given")
-    if args.n_clusters is not None and args.n_clusters < 2:
-        parser.error("--n-clusters must be at least 2")
+def make_labels(
+    manifest_dir: Path,
+    splits: Sequence[str],
+    out_dir: Path,
+    n_clusters: Optional[int] = None,
+    kmeans: Optional[Path] = None,
+    fit_split: str = "train",
+    label_rate: int = 100,
+    percent: float = 1.0,
+    seed: int = 0,
+    overwrite: bool = False,
+    **kmeans_kwargs,
+) -> None:
+    """Write ``{split}.km`` for ``splits``, ``dict.km.txt`` and (when fitting) ``kmeans.joblib``.
+
+    Fits k-means on ``fit_split`` unless ``kmeans`` names a fitted ``kmeans.joblib``;
+    ``kmeans_kwargs`` are ``MiniBatchKMeans`` settings (see ``KMEANS_DEFAULTS``). Raises
+    ``FileExistsError`` / ``FileNotFoundError`` / ``ValueError`` for what the user can fix.
+    """
     import joblib
 
-    logger.info(args)
-    hop = HOP_BY_LABEL_RATE[args.label_rate]
-    out_dir: Path = args.out_dir
-    label_paths = [out_dir / f"{s}.km" for s in args.splits]
+    hop = HOP_BY_LABEL_RATE[label_rate]
+    label_paths = [out_dir / f"{s}.km" for s in splits]
     dict_path, model_path = out_dir / DICT_NAME, out_dir / MODEL_NAME
     # when labelling with an existing model, only the label files (and a missing dict) are new
-    outputs = label_paths if args.kmeans else label_paths + [dict_path, model_path]
-    check_writable(outputs, args.overwrite)
+    outputs = label_paths if kmeans else label_paths + [dict_path, model_path]
+    check_writable(outputs, overwrite)
     # validate every manifest and audio header before the (slow) fit, so a bad row fails fast
-    splits = [load_split(args.manifest_dir, s) for s in args.splits]
-    for split in splits:
+    loaded = [load_split(manifest_dir, s) for s in splits]
+    for split in loaded:
         check_split_audio(split, SAMPLE_RATE)
 
-    if args.kmeans is not None:
-        km = joblib.load(args.kmeans)
-        if args.n_clusters is not None and args.n_clusters != km.n_clusters:
+    if kmeans is not None:
+        km = joblib.load(kmeans)
+        if n_clusters is not None and n_clusters != km.n_clusters:
             raise ValueError(
-                f"--n-clusters {args.n_clusters} but {args.kmeans} has {km.n_clusters} clusters"
+                f"--n-clusters {n_clusters} but {kmeans} has {km.n_clusters} clusters"
             )
-        logger.info("loaded %s (%d clusters)", args.kmeans, km.n_clusters)
+        logger.info("loaded %s (%d clusters)", kmeans, km.n_clusters)
     else:
-        km = _fit(args, hop)
+        km = fit_on_split(manifest_dir, fit_split, n_clusters, percent, seed, hop, **kmeans_kwargs)
     if km.cluster_centers_.shape[1] != 3 * N_MFCC:
         raise ValueError(f"k-means model has {km.cluster_centers_.shape[1]}-dim centroids, "
                          f"expected {3 * N_MFCC} (MFCC + deltas)")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    if args.kmeans is None:
+    if kmeans is None:
         joblib.dump(km, model_path)
         logger.info("wrote %s", model_path)
-    write_dict(dict_path, km.n_clusters, args.overwrite)
-    for split, path in zip(splits, label_paths):
+    write_dict(dict_path, km.n_clusters, overwrite)
+    for split, path in zip(loaded, label_paths):
         frames = label_split(split, km, hop, SAMPLE_RATE, path)
         logger.info("wrote %s: %d utterances, %d frames at %d Hz", path, len(split.rows), frames,
-                    args.label_rate)
-
-
-def cli_main() -> None:
-    """Console entry point: fairseq-style logging, and a one-line message instead of a traceback
-    for the errors a user can fix (existing outputs, bad manifests or audio)."""
-    logging.basicConfig(
-        format="%(asctime)s | %(levelname)s | %(name)s | %(message)s",
-        datefmt="%Y-%m-%d %H:%M:%S",
-        level=os.environ.get("LOGLEVEL", "INFO").upper(),
-        stream=sys.stdout,
-    )
-    try:
-        main()
-    except (FileExistsError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
-
-
-if __name__ == "__main__":
-    cli_main()
+                    label_rate)

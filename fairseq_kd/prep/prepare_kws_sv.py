@@ -54,7 +54,6 @@ import logging
 import math
 import os
 import random
-import sys
 from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -64,7 +63,7 @@ from typing import Dict, List, Optional, Sequence
 import soundfile as sf
 
 from fairseq_kd.data.kws_sv import NO_LABEL, KwsSvDataError, check_layout, read_trials
-from fairseq_kd.data.prepare_asr import PrepareError, atomic_path, check_conflicts, raise_problems, read_header
+from fairseq_kd.prep.prepare_asr import PrepareError, atomic_path, check_conflicts, raise_problems, read_header
 
 logger = logging.getLogger(__name__)
 
@@ -362,61 +361,3 @@ def check(args: argparse.Namespace) -> None:
         splits=args.splits,
     )
     print(f"{args.data}: OK (" + ", ".join(f"{s} {n} rows" for s, n in rows.items()) + ")")
-
-
-# -- command line ------------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="fairseq-kd-prepare-kws-sv",
-        description="Keyword-spotting / speaker-verification data in the kws_sv layout.",
-    )
-    sub = parser.add_subparsers(dest="corpus", required=True)
-
-    sc = sub.add_parser("speech-commands", help="Google Speech Commands v1 / v2")
-    sc.add_argument("--root", required=True, help="the extracted archive (word folders, _background_noise_, lists)")
-    sc.add_argument("--dest", required=True)
-    sc.add_argument("--protocol", choices=["12", "35", "all"], default="12",
-                    help="12: 10 keywords + _unknown_ + _silence_; 35: every word of v2; all: every word")
-    sc.add_argument("--unknown-percentage", type=float, default=10.0, help="12-class: _unknown_ clips per keyword clip (%%)")
-    sc.add_argument("--silence-percentage", type=float, default=10.0, help="12-class: _silence_ clips per keyword clip (%%)")
-    sc.add_argument("--trials-per-utterance", type=int, default=4, help="verification trials per test utterance")
-    sc.add_argument("--seed", type=int, default=TF_SEED)
-    sc.add_argument("--jobs", type=int, default=8, help="threads reading audio headers")
-    sc.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    sc.set_defaults(run=prepare_speech_commands)
-
-    vox = sub.add_parser("voxceleb1", help="VoxCeleb1 (verification or identification protocol)")
-    vox.add_argument("--root", required=True, help="folder holding wav/ (and veri_test2.txt, iden_split.txt)")
-    vox.add_argument("--dest", required=True)
-    vox.add_argument("--protocol", choices=["verification", "identification"], default="verification")
-    vox.add_argument("--trials", default=None, help="verification trial list (default ROOT/veri_test2.txt)")
-    vox.add_argument("--iden-split", default=None, help="identification split file (default ROOT/iden_split.txt)")
-    vox.add_argument("--valid-speakers", type=int, default=10, help="dev speakers held out for validation")
-    vox.add_argument("--seed", type=int, default=1)
-    vox.add_argument("--jobs", type=int, default=8)
-    vox.add_argument("--overwrite", action="store_true")
-    vox.set_defaults(run=prepare_voxceleb1)
-
-    chk = sub.add_parser("check", help="check a prepared folder (e.g. manifests/keywords) as the task will")
-    chk.add_argument("--data", required=True)
-    chk.add_argument("--splits", nargs="+", default=list(SPLITS))
-    chk.add_argument("--no-kws", action="store_true", help="no keyword labels (speaker verification only)")
-    chk.add_argument("--no-sv", action="store_true", help="no speaker labels (keyword spotting only)")
-    chk.add_argument("--allow-seen-speakers", action="store_true", help="splits may share speakers")
-    chk.set_defaults(run=check)
-    return parser
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    logging.basicConfig(format="%(levelname)s | %(message)s", level=logging.WARNING, stream=sys.stderr)
-    args = build_parser().parse_args(argv)
-    try:
-        args.run(args)
-    except (PrepareError, KwsSvDataError) as error:
-        print(f"fairseq-kd-prepare-kws-sv {args.corpus}: {error}", file=sys.stderr)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
