@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -180,7 +179,6 @@ def test_distillation_step_reads_the_device_once(preset, monkeypatch):
 
 def _student_checkpoint(path: Path) -> Path:
     """A tiny thin_hubert checkpoint in the layout fairseq's trainer writes (cfg + model + history)."""
-    import torch
     from fairseq import checkpoint_utils
     from fairseq.dataclass.configs import FairseqConfig
     from omegaconf import OmegaConf, open_dict
