@@ -163,7 +163,9 @@ setup(
         # only, ~7 s and ~120 MB to install (the env is ~1.1 GB), no torch requirement
         # + flashlight-text (the "lm" extra, a ~5 s wheel): tests/test_lm_decoding.py runs decode_kenlm's
         # beam search through fairseq's own KenLMDecoder
-        "test": ["pytest", "flashlight-text", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
+        # + the "hf" extra: tests/test_hf.py builds tiny transformers models (no downloads)
+        "test": ["pytest", "flashlight-text", "onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18",
+                 "transformers>=4.46", "safetensors"],
         # decode_kenlm (infer.py's KenLM lexicon beam search): flashlight's Python decoder, a wheel
         # that bundles KenLM; the kenlm module (an sdist, ~4 min to compile) is only for querying
         # or checking LMs from Python and is not needed by the decoder itself
@@ -171,6 +173,10 @@ setup(
         # fairseq-kd-export --onnx: torch's dynamo ONNX exporter needs onnx + onnxscript, the parity
         # and latency checks run onnxruntime (CPU)
         "export": ["onnx>=1.16", "onnxscript>=0.3", "onnxruntime>=1.18"],
+        # transformers teachers (task.teacher_path=<folder with config.json>) and
+        # fairseq-kd-export --format hf; tested with transformers 5.24.0 / safetensors 0.8.0 (pulls no
+        # torch: it uses the one installed); the fairseq path never imports it
+        "hf": ["transformers>=4.46", "safetensors"],
     },
     entry_points={
         "console_scripts": [
@@ -186,6 +192,9 @@ setup(
             "fairseq-kd-mfcc-kmeans = fairseq_kd.cli.mfcc_kmeans:cli_main",
             "fairseq-kd-prepare-kws-sv = fairseq_kd.cli.prepare_kws_sv:main",
             "fairseq-kd-eval-kws-sv = fairseq_kd.cli.eval_kws_sv:main",
+            "fairseq-kd-family = fairseq_kd.cli.family:main",
+            "fairseq-kd-analyze = fairseq_kd.cli.analyze:main",
+            "fairseq-kd-cluster-layers = fairseq_kd.cli.cluster_layers:main",
         ],
     },
     cmdclass=cmdclass,

@@ -21,12 +21,19 @@ The teacher is a guest, not family (data2vec's ``_ema``, DPHuBERT, s3prl's disti
   (``extractor_mode="default"``) is computed over each row's own frames. fairseq's forward lets
   the padded zeros into those statistics, so a row's features would depend on its batch mates.
 
-Index convention (``encoders/layers.py``): ``hidden_states[0]`` is the CNN feature after
-``layer_norm`` + ``post_extract_proj`` (before ``pos_conv``; DPHuBERT's layer 0), ``hidden_states[l]``
-the output of transformer layer ``l``; for pre-LN (``layer_norm_first``) models the last one also
-gets ``encoder.layer_norm``, as fairseq's encoder output does. transformers' and s3prl's HuBERT
-``hidden_states[0]`` is instead the first transformer layer's input (after the positional
-convolution); their layers 1..L equal ours.
+Index convention (``encoders/layers.py``, ``encoders/hf.py``): ``hidden_states[l]`` is the output of
+transformer layer ``l``; for pre-LN (``layer_norm_first``) models the last one also gets
+``encoder.layer_norm``, as fairseq's encoder output does (transformers' own last ``hidden_states``
+entry is taken before it). Layer 0 is selectable (``layer0``, ``task.teacher_layer0``):
+``"projection"`` (default, this project's and DPHuBERT's layer 0) is the CNN feature after
+``layer_norm`` + ``post_extract_proj``, before ``pos_conv``; ``"layer_input"`` is the first
+transformer layer's input (after the positional convolution and, for post-LN models, the encoder
+LayerNorm), which is what transformers' and s3prl's HuBERT ``hidden_states[0]`` is, and SUPERB's
+layer 0. Layers 1..L agree in both.
+
+A folder with a ``config.json`` (a transformers ``HubertModel`` / ``Wav2Vec2Model`` / ``WavLMModel``
+/ ``Data2VecAudioModel``, ``encoders/hf.py``) is loaded as an :class:`HFTeacher`, with the same
+guarantees; ``transformers`` is imported only then.
 """
 
 from __future__ import annotations
@@ -39,6 +46,7 @@ import torch
 from torch import Tensor, nn
 
 from fairseq_kd.encoders.frames import conv_specs, receptive_field, samples_per_frame
+from fairseq_kd.encoders.hf import HFTeacherError, check_layer0, is_hf_folder
 from fairseq_kd.encoders.layers import fairseq_hidden_states
 from fairseq_kd.encoders.pretrained import (
     FAIRSEQ_ENCODERS,
@@ -97,7 +105,9 @@ def check_layers(teacher: "FrozenTeacher", layer_ids: Iterable[int], key: str) -
             raise TeacherError(
                 f"{key}: teacher layer {layer!r} is out of range for {teacher.path}, which has "
                 f"{teacher.num_layers} transformer layers; use ids 0 (CNN features after "
-                f"post_extract_proj) to {teacher.num_layers} (last layer)"
+                + ("post_extract_proj" if getattr(teacher, "layer0", "projection") == "projection"
+                   else "the positional convolution: the first layer's input")
+                + f", task.teacher_layer0) to {teacher.num_layers} (last layer)"
             )
     return ids
 
@@ -185,7 +195,9 @@ class FrozenTeacher:
         path: str,
         dtype: torch.dtype = torch.float32,
         cfg: Any = None,
+        layer0: str = "projection",
     ):
+        self.layer0 = check_layer0(layer0)
         self.holder = _EvalOnlyHolder(model)
         self.kind = kind
         self.normalize = bool(normalize)
@@ -201,10 +213,15 @@ class FrozenTeacher:
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
-    def from_checkpoint(cls, path: str, dtype: str = "fp32", device: Any = "cpu") -> "FrozenTeacher":
-        """Load a pre-trained ``hubert`` / ``wav2vec2`` fairseq checkpoint as a frozen teacher."""
+    def from_checkpoint(
+        cls, path: str, dtype: str = "fp32", device: Any = "cpu", layer0: str = "projection"
+    ) -> "FrozenTeacher":
+        """Load a pre-trained ``hubert`` / ``wav2vec2`` fairseq checkpoint, or a transformers folder
+        (``config.json``), as a frozen teacher; ``layer0``: see the module docstring."""
         path = os.fspath(path)
         torch_dtype = _parse_dtype(dtype)
+        if is_hf_folder(path):
+            return HFTeacher.from_folder(path, torch_dtype, device, layer0)
         state = read_checkpoint(path, f"teacher checkpoint {path}", _HOW_TO_FIX, TeacherError, require_cfg=False)
         cfg = _checkpoint_cfg(state, path)
         apply_model_overrides(cfg, FROZEN_MODEL_FIELDS)
@@ -217,6 +234,7 @@ class FrozenTeacher:
             path=path,
             dtype=torch_dtype,
             cfg=cfg,
+            layer0=layer0,
         )
         logger.info(
             f"teacher {path}: {teacher.kind}, {teacher.num_layers} layers x {teacher.embed_dim}, "
@@ -280,8 +298,45 @@ class FrozenTeacher:
         # the caller's amp autocast must not change the dtype the teacher was asked to run in
         with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
             x = source.to(device=self.device, dtype=self.dtype)
+            states, frame_mask = self._layers(x, padding_mask, host_lengths)
+        return [h.float() for h in states], frame_mask
+
+    def _layers(self, x: Tensor, padding_mask: Optional[Tensor], host_lengths: Optional[List[int]]):
+        return fairseq_hidden_states(
+            self.model, self.conv_layers, x, padding_mask, host_lengths=host_lengths, layer0=self.layer0
+        )
+
+    def fairseq_state_dict(self) -> Dict[str, Tensor]:
+        """The teacher's weights under fairseq's names (what ``init_from_teacher`` copies from)."""
+        return self.model.state_dict()
+
+    def masked_hidden_states(
+        self,
+        source: Tensor,
+        padding_mask: Optional[Tensor],
+        mask_indices: Tensor,
+        mask_emb: Optional[Tensor] = None,
+    ) -> Tuple[List[Tensor], Optional[Tensor]]:
+        """:meth:`hidden_states` of the input masked at ``mask_indices`` (masking distillation).
+
+        Args:
+            source, padding_mask: as :meth:`hidden_states`
+            mask_indices: (B, T) bool at the teacher's frame rate, True = replaced by the mask
+                embedding (the positions the student was masked at)
+            mask_emb: (embed_dim,) embedding to write there; default the teacher's own
+                ``mask_emb`` (a student of another width cannot lend its own)
+        Returns: as :meth:`hidden_states`; still frozen, eval-mode and without grad.
+        """
+        if padding_mask is not None:
+            padding_mask = padding_mask.to(self.device)
+        host_lengths = self._check_input(source, padding_mask)
+        self.holder.eval()
+        with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
+            x = source.to(device=self.device, dtype=self.dtype)
             states, frame_mask = fairseq_hidden_states(
-                self.model, self.conv_layers, x, padding_mask, host_lengths=host_lengths
+                self.model, self.conv_layers, x, padding_mask, host_lengths=host_lengths,
+                mask_indices=mask_indices.to(self.device),
+                mask_emb=None if mask_emb is None else mask_emb.detach(),
             )
         return [h.float() for h in states], frame_mask
 
@@ -312,4 +367,70 @@ class FrozenTeacher:
         return host_lengths
 
 
-__all__ = ["FrozenTeacher", "TeacherError", "check_layers"]
+# -- transformers teachers ----------------------------------------------------------------------------
+class HFTeacher(FrozenTeacher):
+    """A frozen transformers ``HubertModel`` / ``Wav2Vec2Model`` / ``WavLMModel`` /
+    ``Data2VecAudioModel`` from a local folder (``encoders/hf.py``): the same guarantees and interface
+    as the fairseq teacher (eval-only holder, frozen, ``no_grad``, no layerdrop, padding-exact, the
+    same index convention). ``cfg`` is a fairseq-shaped summary (``model`` / ``task`` sections);
+    ``normalize`` comes from the folder's ``preprocessor_config.json`` (``do_normalize``)."""
+
+    def __init__(self, encoder: Any, *, path: str, dtype: torch.dtype = torch.float32, layer0: str = "projection"):
+        from omegaconf import OmegaConf
+
+        self.layer0 = check_layer0(layer0)
+        self.encoder = encoder
+        self.holder = _EvalOnlyHolder(encoder.model)
+        self.kind = encoder.kind
+        self.normalize = encoder.folder.normalize
+        self.normalize_source = encoder.folder.normalize_source
+        self.path = path
+        self.cfg = OmegaConf.create(encoder.fairseq_cfg())
+        self.num_layers = encoder.num_layers
+        self.embed_dim = encoder.embed_dim
+        self.conv_layers = list(encoder.conv_layers)
+        self.dtype = dtype
+        self.device = torch.device("cpu")
+        self._freeze()
+        self.holder.to(dtype=dtype)
+
+    @classmethod
+    def from_folder(cls, path: str, dtype: torch.dtype = torch.float32, device: Any = "cpu",
+                    layer0: str = "projection") -> "HFTeacher":
+        from fairseq_kd.encoders.hf import open_folder
+
+        try:
+            encoder = open_folder(path, TeacherError)
+        except HFTeacherError as error:
+            raise TeacherError(str(error)) from None
+        teacher = cls(encoder, path=path, dtype=dtype, layer0=layer0)
+        logger.info(
+            f"teacher {path}: {teacher.kind}, {teacher.num_layers} layers x {teacher.embed_dim}, "
+            f"{teacher.samples_per_frame} samples/frame, normalize={teacher.normalize}, {dtype}, layer 0 = {layer0}"
+        )
+        return teacher.to(device)
+
+    def _freeze(self) -> None:
+        model = self.model
+        model.requires_grad_(False)
+        model.config.layerdrop = 0.0  # never used by the layer-by-layer loop; belt and braces
+        self.holder.eval()
+
+    def _layers(self, x: Tensor, padding_mask: Optional[Tensor], host_lengths: Optional[List[int]]):
+        from fairseq_kd.encoders.hf import hf_hidden_states
+
+        return hf_hidden_states(self.encoder, x, padding_mask, layer0=self.layer0, host_lengths=host_lengths)
+
+    def masked_hidden_states(self, *args, **kwargs):
+        raise TeacherError(
+            f"masking distillation (a masked teacher pass) is not supported with the transformers "
+            f"teacher {self.path}; use a fairseq checkpoint as teacher for it"
+        )
+
+    def fairseq_state_dict(self) -> Dict[str, Tensor]:
+        """The weights under fairseq's names where fairseq has them (``encoders/hf.py``): WavLM's
+        relative position bias and data2vec-audio's positional conv stack have no counterpart."""
+        return self.encoder.fairseq_state_dict()
+
+
+__all__ = ["FrozenTeacher", "HFTeacher", "TeacherError", "check_layers"]

@@ -28,14 +28,24 @@ FIXES: Dict[str, str] = {
     "hydra_traceback": "hydra._internal.utils: print_exception(etype=...) removed in Python 3.10",
     "safe_checkpoint_load": "fairseq.checkpoint_utils / fairseq.distributed.utils: torch >= 2.6 "
     "weights_only loading, with an allow-list of the classes fairseq checkpoints hold",
-    "numpy_aliases": "fairseq.data.data_utils / fairseq.modules.dynamic_crf_layer: np.int/np.float "
-    "removed in numpy 1.24, np.percentile(interpolation=) removed in numpy 2 (length buckets)",
+    "numpy_aliases": "fairseq.data.data_utils / fairseq.modules.dynamic_crf_layer / "
+    "fairseq.data.token_block_dataset / fairseq.data.language_pair_dataset: np.int/np.float removed "
+    "in numpy 1.24, np.percentile(interpolation=) and np.compat removed in numpy 2",
+    "bitarray_rindex": "fairseq.data.huffman.huffman_coder: bitarray.util.rindex removed in bitarray 3",
+    "torch2_masks": "fairseq.modules.multihead_attention / transformer_layer: uint8 attention masks "
+    "refused by torch 2, and the transformer encoder's eval fast path failing with 'Mask Type should be "
+    "defined' (torch._transformer_encoder_layer_fwd's mask_type)",
     "manifest_root": "fairseq.data.audio.raw_audio_dataset / hubert_dataset: a relative manifest root "
     "that does not exist from the working directory is resolved against the manifest's folder",
     "user_dir_module": "fairseq.utils: common.user_dir may name an installed package (e.g. fairseq_kd)",
     "launch_relative_paths": "fairseq_cli.hydra_train: input paths (task.data, task.teacher_path, "
     "model.w2v_path, ...) relative to the directory fairseq-hydra-train was started in, not to the "
     "hydra run folder it runs in",
+    "checkpoint_resume": "fairseq.checkpoint_utils: checkpoint_last.pt / checkpoint_best.pt are written "
+    "to .tmp, verified and renamed (a kill mid-copy left them empty: EOFError on every re-run), and an "
+    "unreadable checkpoint_last.pt is resumed from the newest readable checkpoint beside it",
+    "clean_errors": "hydra._internal.utils: a fairseq_kd error in a fairseq-hydra-train job is printed "
+    "as one message with exit code 2, not a traceback (FAIRSEQ_KD_DEBUG=1 shows it)",
 }
 
 _installed = False

@@ -103,7 +103,77 @@ def _percentile(numpy_module: types.ModuleType) -> Callable:
 def patch_numpy_aliases(module: types.ModuleType) -> None:
     import numpy
 
-    module.np = ModuleProxy(numpy, int=int, float=float, percentile=_percentile(numpy))
+    # np.compat (np.compat.long is int) was removed in numpy 2: token_block_dataset, language_pair_dataset
+    compat = types.SimpleNamespace(long=int, unicode=str, basestring=str, integer_types=(int,))
+    module.np = ModuleProxy(numpy, int=int, float=float, percentile=_percentile(numpy), compat=compat)
+
+
+# 4c. torch 2.x masks: uint8 masks refused, the encoder's fast path needs mask_type ---------------
+def _bool_mask(mask: Any) -> Any:
+    import torch
+
+    return mask.to(torch.bool) if isinstance(mask, torch.Tensor) and mask.dtype == torch.uint8 else mask
+
+
+def patch_uint8_attention_masks(module: types.ModuleType) -> None:
+    """torch's multi_head_attention_forward: "only bool and floating types of key_padding_mask are
+    supported"; fairseq (and its callers) still pass ByteTensors (non-zero = masked)."""
+    cls = module.MultiheadAttention
+    original = cls.forward
+
+    def forward(self, query, key, value, key_padding_mask=None, *args, **kwargs):
+        if "attn_mask" in kwargs:
+            kwargs["attn_mask"] = _bool_mask(kwargs["attn_mask"])
+        return original(self, query, key, value, _bool_mask(key_padding_mask), *args, **kwargs)
+
+    cls.forward = forward
+
+
+def patch_encoder_fast_path(module: types.ModuleType) -> None:
+    """``torch._transformer_encoder_layer_fwd`` (fairseq's eval "BetterTransformer" path) takes a
+    ``mask_type`` since torch 1.13; without it a padded batch fails with "Mask Type should be defined"."""
+    import torch
+
+    fast = torch._transformer_encoder_layer_fwd
+
+    def transformer_encoder_layer_fwd(src, *args, **kwargs):
+        args = list(args)
+        mask = args[17] if len(args) > 17 else kwargs.get("mask")
+        if mask is not None and len(args) <= 18 and kwargs.get("mask_type") is None:
+            mask = _bool_mask(mask)
+            if len(args) > 17:
+                args[17] = mask
+            else:
+                kwargs["mask"] = mask
+            # 1: a (batch, time) key padding mask, what fairseq passes; 0: a (time, time) attn_mask
+            is_padding = mask.dim() == 2 and tuple(mask.shape) == tuple(src.shape[:2])
+            kwargs["mask_type"] = 1 if is_padding else 0
+        return fast(src, *args, **kwargs)
+
+    module.torch = ModuleProxy(torch, _transformer_encoder_layer_fwd=transformer_encoder_layer_fwd)
+
+
+# 4b. bitarray >= 3: util.rindex removed (fairseq's Huffman coder) ---------------------------------
+def _rindex(a: Any, value: int = 1, *args: Any) -> int:
+    """bitarray 2's ``util.rindex``: the index of the last ``value`` (ValueError when absent)."""
+    try:
+        found = a.find(value, right=True)  # bitarray >= 2.9
+    except TypeError:
+        found = -2
+    if found == -2:
+        for index in range(len(a) - 1, -1, -1):
+            if a[index] == value:
+                return index
+        raise ValueError(f"{value} not in bitarray")
+    if found < 0:
+        raise ValueError(f"{value} not in bitarray")
+    return found
+
+
+def patch_bitarray_rindex(module: types.ModuleType) -> None:
+    util = module.util
+    if not hasattr(util, "rindex"):
+        module.util = ModuleProxy(util, rindex=_rindex)
 
 
 # 5. manifest roots relative to the manifest -------------------------------------------------------
@@ -239,6 +309,20 @@ def patch_hydra_train_paths(module: types.ModuleType) -> None:
     module._hydra_main = _hydra_main
 
 
+# 8. checkpoint writes and resumes that survive a kill (fairseq_kd_compat/resume.py) ---------------
+def _patch_checkpoint_resume(module: types.ModuleType) -> None:
+    from fairseq_kd_compat.resume import patch_checkpoint_utils
+
+    patch_checkpoint_utils(module)
+
+
+# 9. the project's errors in a hydra job: one message, exit code 2 (fairseq_kd_compat/errors.py) ----
+def _patch_clean_errors(module: types.ModuleType) -> None:
+    from fairseq_kd_compat.errors import patch_run_and_report
+
+    patch_run_and_report(module)
+
+
 # fix name -> {module name: patch applied right after that module executes}
 MODULE_PATCHES: Dict[str, Dict[str, Callable[[types.ModuleType], None]]] = {
     "hydra_traceback": {"hydra._internal.utils": patch_hydra_traceback},
@@ -249,6 +333,13 @@ MODULE_PATCHES: Dict[str, Dict[str, Callable[[types.ModuleType], None]]] = {
     "numpy_aliases": {
         "fairseq.data.data_utils": patch_numpy_aliases,
         "fairseq.modules.dynamic_crf_layer": patch_numpy_aliases,
+        "fairseq.data.token_block_dataset": patch_numpy_aliases,
+        "fairseq.data.language_pair_dataset": patch_numpy_aliases,
+    },
+    "bitarray_rindex": {"fairseq.data.huffman.huffman_coder": patch_bitarray_rindex},
+    "torch2_masks": {
+        "fairseq.modules.multihead_attention": patch_uint8_attention_masks,
+        "fairseq.modules.transformer_layer": patch_encoder_fast_path,
     },
     "manifest_root": {
         "fairseq.data.audio.raw_audio_dataset": patch_file_audio_dataset,
@@ -256,4 +347,6 @@ MODULE_PATCHES: Dict[str, Dict[str, Callable[[types.ModuleType], None]]] = {
     },
     "user_dir_module": {"fairseq.utils": patch_import_user_module},
     "launch_relative_paths": {"fairseq_cli.hydra_train": patch_hydra_train_paths},
+    "checkpoint_resume": {"fairseq.checkpoint_utils": _patch_checkpoint_resume},
+    "clean_errors": {"hydra._internal.utils": _patch_clean_errors},
 }

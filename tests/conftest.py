@@ -7,10 +7,14 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
+
+# the audio-check cache (fairseq_kd.data.audio_checks) of test runs and their subprocesses: never ~/.cache
+os.environ.setdefault("FAIRSEQ_KD_CACHE_DIR", tempfile.mkdtemp(prefix="fairseq_kd_test_cache_"))
 
 REPO = Path(__file__).resolve().parents[1]
 MANIFESTS = REPO / "manifests"

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import MANIFESTS, console_script, run
+from conftest import MANIFESTS, REPO, console_script, run
 from fairseq_checkpoints import make_hubert_checkpoint
 
 # a HuBERT-Base-shaped teacher and the two presets, shrunk in width and depth
@@ -222,3 +223,23 @@ def test_inference_time_ratios_of_checkpoints(tmp_path):
     assert positive(ratios[student]["time_ratio"]) and positive(ratios[student]["median_s"])
     with pytest.raises(ValueError, match="does not exist"):
         inference_time_ratios(teacher, [str(tmp_path / "missing.pt")])
+
+
+def test_gpu_script_runs_end_to_end_on_cpu(tmp_path):
+    """examples/gpu/bench.sh with --device cpu --tiny: every step the GPU run takes (both presets'
+    training and memory sections, the summary JSON and table), so nothing in it is untested."""
+    out = tmp_path / "gpu"
+    env = {"FAIRSEQ_KD_BIN": str(Path(sys.executable).parent), "FAIRSEQ_KD_PYTHON": sys.executable}
+    proc = run(["bash", str(REPO / "examples/gpu/bench.sh"), "--device", "cpu", "--tiny", str(out)], env=env)
+    summary = json.loads((out / "gpu.json").read_text())
+    rows = {row["preset"]: row for row in summary["rows"]}
+    assert set(rows) == {"distilhubert", "thin_deep"}
+    assert (rows["distilhubert"]["batch"], rows["thin_deep"]["batch"]) == (2, 1)
+    for row in rows.values():
+        assert row["distill_audio_s_per_s"] > 0 and row["teacher_forward_audio_s_per_s"] > 0
+        assert row["update_peak_mb"] is not None and row["update_peak_mb"] > 0
+        hours = 200_000 * 24 * (250_000 / 16_000) / row["distill_audio_s_per_s"] / 3600
+        assert math.isclose(row["distilhubert_schedule_hours"], hours, rel_tol=1e-9)
+    table = (out / "gpu.md").read_text()
+    assert "| distilhubert | 2 x 0.5 s |" in table and "| thin_deep | 1 x 0.5 s |" in table
+    assert "8,000 goal" in table and table in proc.stdout

@@ -289,3 +289,96 @@ def test_switching_the_whole_layer_off_leaves_no_trace(tmp_path):
         "assert not getattr(dataclasses._get_field, '_fairseq_kd_compat', False)\n"
     )
     python_snippet(snippet, cwd=tmp_path, env=OFF)
+
+
+# -- 8. numpy 2 / bitarray 3 / torch 2 breaks outside the HuBERT paths ----------------------------
+BREAKS_SNIPPET = textwrap.dedent(
+    """
+    import torch
+
+    def np_compat():  # numpy 2 removed np.compat
+        from fairseq.data import TokenBlockDataset
+        ds = TokenBlockDataset([torch.tensor([5, 6, 2]), torch.tensor([7, 2])], [3, 2], block_size=None,
+                               pad=1, eos=2, break_mode="eos")
+        assert ds[1].tolist() == [7, 2]
+
+    def huffman():  # bitarray 3 removed util.rindex
+        from fairseq.data.huffman import HuffmanCodeBuilder
+        builder = HuffmanCodeBuilder()
+        builder.add_symbols("a", "b", "a", "c", "a", "b")
+        code = builder.build_code()
+        assert [s.symbol for s in code.decode(code.encode(["a", "b", "c", "a"]))] == ["a", "b", "c", "a"]
+
+    def uint8_mask():  # torch 2: only bool and float masks
+        from fairseq.modules.multihead_attention import MultiheadAttention
+        m = MultiheadAttention(16, 2, self_attention=True).eval()
+        y = torch.randn(5, 2, 16)
+        pad = torch.zeros(2, 5, dtype=torch.uint8)
+        pad[1, 3:] = 1
+        assert torch.equal(m(y, y, y, key_padding_mask=pad)[0], m(y, y, y, key_padding_mask=pad.bool())[0])
+
+    def fast_path():  # the encoder layer's eval fast path with a padded batch
+        from fairseq.models.transformer import TransformerConfig
+        from fairseq.modules.transformer_layer import TransformerEncoderLayerBase
+        cfg = TransformerConfig()
+        cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, cfg.encoder.attention_heads = 16, 32, 2
+        cfg.dropout = cfg.attention_dropout = 0.0
+        layer = TransformerEncoderLayerBase(cfg)
+        layer.load_state_dict(layer.state_dict())  # as a checkpoint load does: enables the fast path
+        layer.eval()
+        x = torch.randn(2, 5, 16)  # batch first, as TransformerEncoder hands it over
+        pad = torch.zeros(2, 5, dtype=torch.bool)
+        pad[1, 3:] = True
+        with torch.no_grad():
+            fast = layer(x, pad)
+            layer.load_to_BT = False
+            slow = layer(x.transpose(0, 1), pad).transpose(0, 1)
+        assert torch.allclose(fast[0], slow[0], atol=1e-5) and torch.allclose(fast[1, :3], slow[1, :3], atol=1e-5)
+
+    for check in (np_compat, huffman, uint8_mask, fast_path):
+        try:
+            check()
+            print(check.__name__, "OK")
+        except Exception as error:
+            print(check.__name__, type(error).__name__, str(error).splitlines()[0])
+    """
+)
+
+
+def test_numpy2_bitarray3_torch2_breaks_are_mended(tmp_path):
+    fixed = python_snippet(BREAKS_SNIPPET, cwd=tmp_path).stdout.splitlines()
+    assert fixed[-4:] == ["np_compat OK", "huffman OK", "uint8_mask OK", "fast_path OK"], fixed
+    broken = python_snippet(BREAKS_SNIPPET, cwd=tmp_path,
+                            env=without("numpy_aliases,bitarray_rindex,torch2_masks")).stdout.splitlines()[-4:]
+    assert broken[0].startswith("np_compat AttributeError module 'numpy' has no attribute 'compat'"), broken
+    assert broken[1].startswith("huffman AttributeError module 'bitarray.util' has no attribute 'rindex'"), broken
+    assert broken[2] == "uint8_mask AssertionError only bool and floating types of key_padding_mask are supported", broken
+    assert broken[3] == "fast_path RuntimeError Mask Type should be defined", broken
+
+
+# -- 9. the project's errors in a hydra job: one message, exit code 2 ------------------------------
+HYDRA_PROJECT_ERROR_APP = textwrap.dedent(
+    """
+    import hydra
+    from fairseq_kd_compat.resume import UnreadableCheckpointError
+
+    @hydra.main(config_path=None)
+    def main(cfg):
+        raise UnreadableCheckpointError("train.tsv:3: the message, with the fix")
+
+    main()
+    """
+)
+
+
+def test_project_errors_in_a_hydra_job_are_one_message(tmp_path):
+    script = tmp_path / "app.py"
+    script.write_text(HYDRA_PROJECT_ERROR_APP)
+    cmd = [sys.executable, str(script), f"hydra.run.dir={tmp_path}/out"]
+    fixed = run(cmd, cwd=tmp_path, check=False)
+    assert fixed.returncode == 2 and "Traceback" not in fixed.stderr, fixed.stderr
+    assert fixed.stderr.splitlines()[0] == "UnreadableCheckpointError: train.tsv:3: the message, with the fix"
+    debug = run(cmd, cwd=tmp_path, check=False, env={"FAIRSEQ_KD_DEBUG": "1"})
+    assert debug.returncode == 1 and "Traceback" in debug.stderr
+    broken = run(cmd, cwd=tmp_path, env=without("clean_errors"), check=False)
+    assert broken.returncode == 1 and "Traceback" in broken.stderr

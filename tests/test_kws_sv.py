@@ -361,20 +361,20 @@ def test_prepare_speech_commands_12_class(tmp_path):
     assert trials and {t.split()[0] for t in trials} == {"0", "1"}
     assert check_layout(str(dest)) == {"train": len(rows) - 1, "valid": 24, "test": 48}
     # outputs are never replaced silently
-    assert main(["speech-commands", "--root", str(root), "--dest", str(dest)]) == 1
+    assert main(["speech-commands", "--root", str(root), "--dest", str(dest)]) == 2  # the project's errors: exit code 2
 
 
 def test_prepare_speech_commands_all_words_and_protocol_errors(tmp_path, capsys):
     from fairseq_kd.cli.prepare_kws_sv import main
 
     root = fake_speech_commands(tmp_path / "sc")
-    assert main(["speech-commands", "--root", str(root), "--dest", str(tmp_path / "x"), "--protocol", "35"]) == 1
+    assert main(["speech-commands", "--root", str(root), "--dest", str(tmp_path / "x"), "--protocol", "35"]) == 2  # the project's errors: exit code 2
     assert "the 35-class protocol is Speech Commands v2's, but" in capsys.readouterr().err
     dest = tmp_path / "all"
     assert main(["speech-commands", "--root", str(root), "--dest", str(dest), "--protocol", "all"]) == 0
     assert len(_lines(dest / "dict.kw.txt")) == 12 and "_silence_" not in _lines(dest / "train.kw")
     (root / "testing_list.txt").write_text("stop/missing_nohash_0.wav\n")
-    assert main(["speech-commands", "--root", str(root), "--dest", str(tmp_path / "y")]) == 1
+    assert main(["speech-commands", "--root", str(root), "--dest", str(tmp_path / "y")]) == 2  # the project's errors: exit code 2
     assert "testing_list.txt:1: stop/missing_nohash_0.wav does not exist" in capsys.readouterr().err
 
 
@@ -411,7 +411,7 @@ def test_prepare_voxceleb1(tmp_path, capsys):
     assert "task.disjoint_speakers=false" in capsys.readouterr().out
     # a trial naming an utterance that is not in wav/
     (root / "veri_test2.txt").write_text("1 id10004/vid0/00000.wav id10004/vid9/00001.wav\n")
-    assert main(["voxceleb1", "--root", str(root), "--dest", str(tmp_path / "bad")]) == 1
+    assert main(["voxceleb1", "--root", str(root), "--dest", str(tmp_path / "bad")]) == 2  # the project's errors: exit code 2
     assert "veri_test2.txt:1: id10004/vid9/00001.wav is not under" in capsys.readouterr().err
 
 

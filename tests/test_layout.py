@@ -18,6 +18,7 @@ LEVELS = [
     ("models", "teacher"),
     ("criterions",),
     ("evaluation",),
+    ("analysis",),  # the Deep-versus-Wide study: reads evaluation, teacher, criterions, data
     ("tasks",),
     ("export", "presets", "prep"),
     ("benchmark",),

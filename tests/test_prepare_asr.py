@@ -66,11 +66,16 @@ def run(*argv: str | Path) -> None:
 
 
 def fails(*argv: str | Path) -> str:
-    """Run the command expecting a clean ``error: ...`` exit; return the message."""
-    with pytest.raises(SystemExit) as exc:
-        main([str(a) for a in argv])
-    message = str(exc.value.code)
-    assert message.startswith("error: ")
+    """Run the command expecting a clean ``error: ...`` exit (code 2, fairseq_kd/cli/errors.py);
+    return the message."""
+    import contextlib
+    import io
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    assert code == 2, err.getvalue()
+    message = "error: " + err.getvalue().split("error: ", 1)[1]
     return message
 
 

@@ -7,6 +7,7 @@ the ``meta`` device: no memory, no initialisation)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import tempfile
 from typing import Any, Mapping, Optional
@@ -51,6 +52,14 @@ def check_config(cfg: BenchmarkConfig, work_dir: Optional[str] = None) -> None:
             raise BenchmarkError(f"--manifest {cfg.manifest}: no {cfg.split}.tsv there (fairseq manifest folder expected)")
         if any(w < 0 for w in cfg.loader_workers):
             raise BenchmarkError(f"--loader-workers must be >= 0, got {cfg.loader_workers}")
+    if "int8" in cfg.sections:
+        if device.type != "cpu":
+            raise BenchmarkError("the int8 section times onnxruntime's CPU kernels: run it with --device cpu")
+        for module in ("onnx", "onnxscript", "onnxruntime"):
+            if importlib.util.find_spec(module) is None:
+                raise BenchmarkError(f"the int8 section needs {module}: pip install -e '.[export]'")
+        if cfg.manifest and not os.path.isfile(os.path.join(cfg.manifest, "valid.tsv")):
+            raise BenchmarkError(f"--manifest {cfg.manifest}: the int8 section reads its valid.tsv, which is missing")
     teacher_config(cfg.teacher_overrides)  # raises on unknown keys
     distils = "training" in cfg.sections or "memory" in cfg.sections
     teacher = build_teacher(cfg.teacher_overrides) if distils else None  # CPU, a few s for HuBERT Base

@@ -33,6 +33,16 @@ def format_report(result: Mapping[str, Any]) -> str:
         for name, row in inf["models"].items():
             lines.append(f"  {name:<22}{row['params'] / 1e6:8.2f}M{row['gmacs']:9.1f}{row['macs_ratio']:12.3f}"
                          f"{row['median_s']:9.3f}s{row['time_ratio']:12.3f}  {_met(row)}")
+    if "int8" in result:
+        q = result["int8"]
+        lines += ["", f"int8: onnxruntime dynamic int8 vs fp32, {q['batch']} x {q['seconds']:g} s, {q['threads']} "
+                      f"thread(s); time ratio to the fp32 eager teacher",
+                  f"  {'model':<34}{'time':>10}{'time ratio':>12}"]
+        for name, row in q["models"].items():
+            lines.append(f"  {name:<34}{row['median_s']:9.3f}s{row['time_ratio']:12.3f}  {_met(row)}")
+        for name, row in q["fidelity"].items():
+            lines.append(f"  {name}: int8 vs fp32 cosine, worst layer {row['worst']:.4f} "
+                         f"({'met' if row['target_met'] else 'NOT met'}, target >= {row['target']})")
     if "training" in result:
         tr = result["training"]
         lines += ["", f"training: one distill_hubert update (fairseq Trainer.train_step) of {tr['batch']} x "
@@ -73,6 +83,7 @@ def format_report(result: Mapping[str, Any]) -> str:
         for name, row in result["throughput"].items():
             lines.append(f"  {name:<22}{row['audio_s_per_s']:9.2f} audio-s/s  -> {row['schedule_days_15_6s']:8.1f} days "
                          f"with 15.6 s crops, {row['schedule_days_12_3s']:8.1f} days at LibriSpeech's 12.3 s mean")
+            lines.append(f"  {'':<22}teacher forward alone: {row['teacher_forward_audio_s_per_s']:.2f} audio-s/s (the ceiling)")
             if "loader_headroom" in row:
                 lines.append(f"  {'':<22}data loading / distillation rate: " + ", ".join(
                     f"{h:.1f}x with {w} workers" for w, h in row["loader_headroom"].items()))

@@ -16,6 +16,7 @@ import torch
 from fairseq_kd.benchmark.checks import check_config
 from fairseq_kd.benchmark.config import BenchmarkConfig
 from fairseq_kd.benchmark.inference import inference_section, scaling_section
+from fairseq_kd.benchmark.int8 import int8_section
 from fairseq_kd.benchmark.loader import loader_section
 from fairseq_kd.benchmark.machine import loadavg, machine_info, set_threads
 from fairseq_kd.benchmark.memory import memory_section
@@ -43,7 +44,7 @@ def _run(cfg: BenchmarkConfig, progress: Callable[[str], None], work_dir: str) -
         progress(f"[{time.perf_counter() - started:6.1f}s] {section} (load average {result['load'][section]})")
 
     teacher = None
-    if {"inference", "scaling", "training"} & set(cfg.sections):
+    if {"inference", "scaling", "training", "int8"} & set(cfg.sections):
         teacher = build_teacher(cfg.teacher_overrides, device)
     if {"inference", "scaling"} & set(cfg.sections):
         students = {name: build_student(name, cfg.overrides, device=device) for name in cfg.presets}
@@ -57,10 +58,16 @@ def _run(cfg: BenchmarkConfig, progress: Callable[[str], None], work_dir: str) -
     if "training" in cfg.sections:
         stamp("training")
         result["training"] = training_section(cfg, teacher, device, work_dir)
+        audio = cfg.batch * cfg.seconds
         result["throughput"] = {
-            preset: {k: row[k] for k in ("audio_s_per_s", "schedule_days_15_6s", "schedule_days_12_3s")}
+            preset: {**{k: row[k] for k in ("audio_s_per_s", "schedule_days_15_6s", "schedule_days_12_3s")},
+                     # the teacher's forward alone on the same batch: the ceiling of any distillation
+                     "teacher_forward_audio_s_per_s": audio / row["parts_s"]["teacher_forward"]}
             for preset, row in result["training"]["presets"].items()
         }
+    if "int8" in cfg.sections:
+        stamp("int8")
+        result["int8"] = int8_section(cfg, teacher, work_dir)
     del teacher
     if "loader" in cfg.sections and cfg.manifest:
         stamp("loader")

@@ -20,11 +20,13 @@ import os
 import sys
 from typing import List, Optional
 
+from fairseq_kd.cli.errors import clean_errors, report
+
 QUICK = dict(batch=1, seconds=2.0, lengths=[1.0, 2.0], repeats=2, warmup=1)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from fairseq_kd.benchmark import AMP_DTYPES, SECTIONS, BenchmarkConfig
+    from fairseq_kd.benchmark import AMP_DTYPES, DEFAULT_SECTIONS, SECTIONS, BenchmarkConfig
 
     d = BenchmarkConfig()
     p = argparse.ArgumentParser(
@@ -43,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scaling-batch", type=int, default=d.scaling_batch, help="utterances per batch in the scaling section")
     p.add_argument("--repeats", type=int, default=d.repeats, help="timed rounds (medians are reported)")
     p.add_argument("--warmup", type=int, default=d.warmup, help="untimed rounds first")
-    p.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
+    p.add_argument("--sections", nargs="+", default=list(DEFAULT_SECTIONS), choices=list(SECTIONS),
+                   help="int8 (ONNX export + onnxruntime int8 vs fp32, needs the export extra) runs only when named")
     p.add_argument("--quick", action="store_true",
                    help="a short run: " + ", ".join(f"{k}={v}" for k, v in QUICK.items()))
     p.add_argument("--manifest", default=None,
@@ -82,6 +85,7 @@ def config_from_args(args: argparse.Namespace):
     return BenchmarkConfig(**values)
 
 
+@clean_errors
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from fairseq_kd.benchmark import BenchmarkError, format_report, quiet, run_benchmark
@@ -96,8 +100,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         result = run_benchmark(config_from_args(args), progress=lambda line: print(line, flush=True))
     except BenchmarkError as error:
-        print(f"fairseq-kd-benchmark: error: {error}", file=sys.stderr)
-        return 2
+        return report(error, "fairseq-kd-benchmark")
     print()
     print(format_report(result))
     if args.out:

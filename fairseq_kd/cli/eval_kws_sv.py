@@ -33,6 +33,8 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from fairseq_kd.cli.errors import clean_errors, report
+
 logger = logging.getLogger("fairseq_kd.eval_kws_sv")
 
 
@@ -129,6 +131,7 @@ def write_results(results: Dict[str, Any], out_dir: str, stem: str) -> List[str]
     return written
 
 
+@clean_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO, stream=sys.stdout)
     args = build_parser().parse_args(argv)
@@ -156,8 +159,7 @@ def evaluate_checkpoint(args: argparse.Namespace, checkpoint: str, stem: str) ->
     try:
         model, cfg, task = load(checkpoint, args.data, args.split, args.trials, args.allow_seen_speakers)
     except (KwsSvDataError, KwsSvModelError, ManifestError) as error:
-        print(f"fairseq-kd-eval-kws-sv: {error}", file=sys.stderr)
-        return 2
+        return report(error, "fairseq-kd-eval-kws-sv")
     device = "cuda" if torch.cuda.is_available() and not args.cpu else "cpu"
     results = evaluate(model, task, args.split, args.max_tokens, device)
     results.update(

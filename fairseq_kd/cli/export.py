@@ -3,7 +3,9 @@
     fairseq-kd-export checkpoint_best.pt student.pt2                 # torch.export program + metadata
     fairseq-kd-export checkpoint_best.pt student.pt2 --check         # reload it and compare again
     fairseq-kd-export checkpoint_best.pt student.pt2 --onnx student.onnx --check --benchmark
+    fairseq-kd-export checkpoint_best.pt student.pt2 --onnx student.onnx --int8 student.int8.onnx --benchmark
     fairseq-kd-export --s3prl-upstream <s3prl>/s3prl/upstream/fairseq_kd_student
+    fairseq-kd-export checkpoint_best.pt student_hf --format hf     # a transformers HubertModel folder
 
 CHECKPOINT is a distillation checkpoint (``thin_hubert``) or a ``hubert_ctc`` / ``wav2vec_ctc``
 checkpoint fine-tuned from one; the file holds the encoder without distillation heads or CTC layer.
@@ -21,6 +23,8 @@ import shutil
 import sys
 from typing import List, Optional
 
+from fairseq_kd.cli.errors import clean_errors, report
+
 S3PRL_HUB_LINE = "from s3prl.upstream.{name}.hubconf import *"
 
 
@@ -37,6 +41,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", nargs="?", help="distillation or fine-tuned CTC checkpoint (.pt)")
     p.add_argument("output", nargs="?", help="standalone student file to write (.pt2)")
     p.add_argument("--onnx", default=None, metavar="FILE", help="also write an ONNX model here")
+    p.add_argument("--int8", default=None, metavar="FILE",
+                   help="also write onnxruntime's dynamic int8 quantisation of the ONNX model here (needs --onnx), "
+                        "with its per-layer cosine to fp32 on --int8-audio")
+    p.add_argument("--int8-conv", action="store_true",
+                   help="quantise the convolutions too (ConvInteger; often slower on CPU and further from fp32)")
+    p.add_argument("--int8-audio", default=None, metavar="MANIFEST_DIR",
+                   help="fairseq manifest folder whose valid split measures the int8 fidelity (default: the bundled "
+                        "manifests/ if present, else noise)")
     p.add_argument("--check", action="store_true",
                    help="load the written .pt2 back and compare it with the model (mixed lengths, 0.05 s, batch of one)")
     p.add_argument("--benchmark", action="store_true", help="CPU latency: eager vs torch.export vs onnxruntime (needs --onnx)")
@@ -47,6 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--s3prl-upstream", default=None, metavar="DIR",
                    help="copy the s3prl upstream (torch-only) to DIR, e.g. <s3prl>/s3prl/upstream/fairseq_kd_student")
     p.add_argument("--force", action="store_true", help="overwrite existing output files")
+    p.add_argument("--format", choices=["standalone", "hf"], default="standalone",
+                   help="hf: OUTPUT is a folder for transformers' HubertModel (fairseq_kd/export/hf.py; the 'hf' extra)")
     return p
 
 
@@ -56,9 +70,11 @@ def check_outputs(args: argparse.Namespace) -> None:
         raise CliError("give CHECKPOINT and OUTPUT (or --s3prl-upstream DIR)")
     if args.checkpoint is not None and args.output is None:
         raise CliError("give the OUTPUT file to write, e.g. student.pt2")
+    if args.int8 and not args.onnx:
+        raise CliError("--int8 quantises the ONNX model: add --onnx FILE")
     if args.benchmark and not args.onnx:
         raise CliError("--benchmark compares onnxruntime with PyTorch: add --onnx FILE")
-    outputs = [p for p in (args.output, args.onnx) if p]
+    outputs = [p for p in (args.output, args.onnx, args.int8) if p]
     for path in outputs:
         if os.path.isdir(path):
             raise CliError(f"{path} is a directory; give a file name")
@@ -77,9 +93,10 @@ def copy_s3prl_upstream(dest: str) -> str:
     import fairseq_kd.s3prl_upstream as upstream
 
     source = os.path.dirname(upstream.__file__)
-    if os.path.exists(dest):
-        shutil.rmtree(dest)
-    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    if os.path.exists(dest) and not os.path.isdir(dest):
+        raise CliError(f"--s3prl-upstream {dest} is a file; give a folder")
+    # --force replaces the upstream's own files only: anything else the user keeps in DEST stays
+    shutil.copytree(source, dest, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"), dirs_exist_ok=True)
     return S3PRL_HUB_LINE.format(name=os.path.basename(os.path.normpath(dest)))
 
 
@@ -149,25 +166,74 @@ def run(args: argparse.Namespace) -> int:
                 f"{figures['onnxruntime_vs_torch_export']:.2f}"
             )
             result["benchmark"] = figures
+        if args.int8:
+            result["int8"] = write_int8(args, meta)
     print("result: " + json.dumps(result))
     return 0
 
 
+def write_int8(args: argparse.Namespace, meta) -> dict:
+    """``--int8``: quantise the written ONNX model, report its fidelity (and speed with --benchmark)."""
+    from fairseq_kd.export.int8 import fidelity_report, layer_fidelity, manifest_batches, quantize_int8
+    from fairseq_kd.export.onnx_export import interleaved_medians, onnx_session, run_onnx
+
+    done = quantize_int8(args.onnx, args.int8, conv=args.int8_conv)
+    audio = args.int8_audio or ("manifests" if os.path.isfile(os.path.join("manifests", "valid.tsv")) else None)
+    batches = manifest_batches(audio, "valid", count=8, normalize=meta["normalize"]) if audio else check_batches()
+    fp32, int8 = onnx_session(args.onnx, threads=args.threads), onnx_session(args.int8, threads=args.threads)
+    cosines = layer_fidelity(fp32, int8, batches)
+    print(f"wrote {args.int8}: {done['bytes_int8'] / 1e6:.2f} MB (fp32 {done['bytes_fp32'] / 1e6:.2f} MB), "
+          f"{'+'.join(done['op_types'])} in int8")
+    print(fidelity_report(cosines) + f" ({'the valid split of ' + audio if audio else 'noise'})")
+    figures = {**done, "cosines": cosines, "audio": audio}
+    if args.benchmark:
+        import torch
+
+        samples = int(args.seconds * meta["sample_rate"])
+        wavs = torch.randn(args.batch, samples, generator=torch.Generator().manual_seed(0))
+        lengths = torch.full((args.batch,), samples, dtype=torch.long)
+        medians = interleaved_medians({"fp32": lambda: run_onnx(fp32, wavs, lengths),
+                                       "int8": lambda: run_onnx(int8, wavs, lengths)}, args.repeats)
+        figures.update(onnxruntime_fp32_s=medians["fp32"], onnxruntime_int8_s=medians["int8"],
+                       int8_vs_fp32=medians["int8"] / medians["fp32"])
+        print(f"int8 benchmark: onnxruntime int8 {medians['int8'] * 1e3:.1f} ms vs fp32 {medians['fp32'] * 1e3:.1f} ms "
+              f"= {figures['int8_vs_fp32']:.2f}")
+    return figures
+
+
+def run_hf(args: argparse.Namespace) -> int:
+    """``--format hf``: OUTPUT is a transformers HubertModel folder."""
+    if args.checkpoint is None or args.output is None:
+        raise CliError("give CHECKPOINT and the OUTPUT folder, e.g. fairseq-kd-export checkpoint_best.pt student_hf --format hf")
+    if args.onnx or args.benchmark or args.check or args.s3prl_upstream:
+        raise CliError("--format hf writes the transformers folder only (it is always checked); drop --onnx/--benchmark/--check/--s3prl-upstream")
+    from fairseq_kd.export.checkpoints import load_student
+    from fairseq_kd.export.hf import export_hf
+
+    info = export_hf(load_student(args.checkpoint), args.output, force=args.force)
+    print(f"wrote {args.output}: transformers HubertModel, {info['num_layers']} layers x {info['hidden_size']}, "
+          f"normalize={str(info['normalize']).lower()}; max abs diff vs the student {info['max_abs_diff_vs_student']:.3g}, "
+          f"reloaded with AutoModel {info['reloaded_max_abs_diff_vs_student']:.3g}")
+    print("result: " + json.dumps({"hf": args.output, **{k: info[k] for k in ("max_abs_diff_vs_student", "reloaded_max_abs_diff_vs_student")}}))
+    return 0
+
+
+@clean_errors
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
+        if args.format == "hf":
+            return run_hf(args)
         check_outputs(args)
         return run(args)
     except (CliError, ImportError) as error:
-        print(f"fairseq-kd-export: error: {error}", file=sys.stderr)
-        return 2
+        return report(error, "fairseq-kd-export")
     except ValueError as error:
         from fairseq_kd.export.checkpoints import ExportInputError
 
         if not isinstance(error, ExportInputError):
             raise
-        print(f"fairseq-kd-export: error: {error}", file=sys.stderr)
-        return 2
+        return report(error, "fairseq-kd-export")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import runpy
 import sys
 from types import ModuleType
 
+from fairseq_kd.cli.errors import clean_errors
+
 
 def alias_fairseq_examples() -> ModuleType:
     """Make ``import examples...`` resolve to fairseq's bundled examples tree."""
@@ -98,6 +100,7 @@ def absolute_paths(argv: list[str], launch_dir: str) -> list[str]:
     return out
 
 
+@clean_errors
 def main() -> None:
     if sys.argv[1:] == ["--conf-dir"]:
         print(infer_conf_dir())

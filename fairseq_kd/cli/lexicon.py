@@ -15,6 +15,7 @@ from typing import Sequence
 
 from fairseq_kd.prep.lexicon import lexicon_lines, read_words, write_lexicon
 from fairseq_kd.prep.prepare_asr import PrepareError, check_conflicts, read_dictionary_symbols
+from fairseq_kd.cli.errors import clean_errors, report
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@clean_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -55,7 +57,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         symbols = read_dictionary_symbols(args.dict)
         lines, skipped = lexicon_lines(read_words(args.words), symbols, args.skip_unspellable)
     except PrepareError as error:
-        raise SystemExit(f"error: {error}") from None
+        return report(error, "fairseq-kd-lexicon")
     if not lines:
         raise SystemExit(f"error: none of the words can be spelled with {args.dict}")
     write_lexicon(args.out, lines)

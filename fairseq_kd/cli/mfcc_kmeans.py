@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from fairseq_kd.prep.mfcc_kmeans import HOP_BY_LABEL_RATE, KMEANS_DEFAULTS, make_labels
+from fairseq_kd.cli.errors import clean_errors, report
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +87,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     )
 
 
+@clean_errors
 def cli_main() -> None:
     """Console entry point: fairseq-style logging, and a one-line message instead of a traceback
     for the errors a user can fix (existing outputs, bad manifests or audio)."""
@@ -98,7 +100,7 @@ def cli_main() -> None:
     try:
         main()
     except (FileExistsError, FileNotFoundError, ValueError) as e:
-        sys.exit(f"error: {e}")
+        sys.exit(report(e, "fairseq-kd-mfcc-kmeans"))
 
 
 if __name__ == "__main__":

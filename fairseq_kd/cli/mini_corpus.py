@@ -20,6 +20,7 @@ from fairseq_kd.prep.mini_corpus import (
     check_espeak,
     looks_replaceable,
 )
+from fairseq_kd.cli.errors import clean_errors
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -91,6 +92,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+@clean_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     check_espeak(args.espeak)  # fail before doing anything else

@@ -27,6 +27,7 @@ from fairseq_kd.prep.prepare_asr import (
     prepare_corpus,
     prepare_from_manifest,
 )
+from fairseq_kd.cli.errors import clean_errors, report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -160,6 +161,7 @@ def default_name(args: argparse.Namespace) -> str:
     return args.split[0]
 
 
+@clean_errors
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -187,7 +189,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 root, dirs = libri_light_dirs(args.libri_light, args.subset)
             prepare_corpus(root, dirs, opts, args.resample, args.ext, args.jobs)
     except PrepareError as error:
-        raise SystemExit(f"error: {error}") from None
+        return report(error, "fairseq-kd-prepare-asr")
     return 0
 
 

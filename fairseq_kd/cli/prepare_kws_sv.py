@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 from fairseq_kd.data.kws_sv import KwsSvDataError
 from fairseq_kd.prep.prepare_asr import PrepareError
 from fairseq_kd.prep.prepare_kws_sv import SPLITS, TF_SEED, check, prepare_speech_commands, prepare_voxceleb1
+from fairseq_kd.cli.errors import clean_errors, report
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -62,14 +63,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@clean_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(format="%(levelname)s | %(message)s", level=logging.WARNING, stream=sys.stderr)
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
     except (PrepareError, KwsSvDataError) as error:
-        print(f"fairseq-kd-prepare-kws-sv {args.corpus}: {error}", file=sys.stderr)
-        return 1
+        return report(error, f"fairseq-kd-prepare-kws-sv {args.corpus}")
     return 0
 
 

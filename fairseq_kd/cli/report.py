@@ -28,6 +28,8 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from fairseq_kd.cli.errors import clean_errors, report as report_error
+
 logger = logging.getLogger("fairseq_kd.report")
 
 TEACHER = "teacher"
@@ -225,6 +227,7 @@ def format_table(report: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@clean_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fairseq-kd-report", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", help="the OUT folder of examples/mini/run.sh (default runs/mini)")
@@ -240,8 +243,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ReportError(f"{data / 'valid.tsv'} does not exist: pass --data, the manifest folder of the run")
         report = build_report(run, data, args.split, args.repeats)
     except ReportError as error:
-        print(f"fairseq-kd-report: {error}", file=sys.stderr)
-        return 2
+        return report_error(error, "fairseq-kd-report")
     table = format_table(report)
     (run / "results.md").write_text(table + "\n")
     (run / "results.json").write_text(json.dumps(report, indent=2) + "\n")

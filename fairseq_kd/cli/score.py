@@ -28,6 +28,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import editdistance
 
+from fairseq_kd.cli.errors import clean_errors, report
+
 LINE = re.compile(r"^(?P<text>.*?)\s*\((?P<speaker>[^()\s]*)-(?P<id>\d+)\)\s*$")
 
 
@@ -100,6 +102,7 @@ def score(results_dir: str) -> Dict[str, float]:
     }
 
 
+@clean_errors
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="fairseq-kd-score",
@@ -111,8 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         scores = score(args.results_dir)
     except ScoreError as error:
-        print(f"fairseq-kd-score: {error}", file=sys.stderr)
-        return 2
+        return report(error, "fairseq-kd-score")
     if args.json:
         print(json.dumps(scores))
     else:

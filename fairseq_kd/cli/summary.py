@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Optional
 from omegaconf.errors import OmegaConfBaseException
 
 from fairseq_kd.presets import PresetError, model_fields
+from fairseq_kd.cli.errors import clean_errors, report
 
 
 def format_summary(name: str, summary: Dict[str, Any]) -> str:
@@ -29,6 +30,7 @@ def format_summary(name: str, summary: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+@clean_errors
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fairseq-kd-summary", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", help="preset name, yaml config or .pt checkpoint")
@@ -40,8 +42,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         fields = model_fields(args.target, args.overrides)
         summary = ThinHubertModel.model_summary(fields)
     except (PresetError, ValueError, TypeError, OmegaConfBaseException) as error:  # incl. refused checkpoints
-        print(f"fairseq-kd-summary: error: {error}", file=sys.stderr)
-        return 2
+        return report(error, "fairseq-kd-summary")
     print(format_summary(os.path.basename(args.target), summary))
     return 0
 

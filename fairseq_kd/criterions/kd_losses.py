@@ -42,6 +42,11 @@ __all__ = [
     "count",
     "layer_loss",
     "hint_weights",
+    "masking_distill_loss",
+    "temporal_gram",
+    "tgm_loss",
+    "gram_bytes",
+    "attention_map_loss",
 ]
 
 COS_EPS = 1e-8  # floor on each vector norm; zero vectors (e.g. zero-filled padding) give cos = 0
@@ -82,6 +87,7 @@ def align_to_teacher(
     *,
     student_mask: Optional[Tensor] = None,
     rate: Optional[int] = None,
+    match_dim: bool = True,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Bring a student layer and a teacher target to the same frames.
 
@@ -93,6 +99,8 @@ def align_to_teacher(
             can differ by a frame between the two CNNs; otherwise the teacher's mask alone
             decides, and a student padding frame could count.
         rate: force the teacher/student frame-rate ratio instead of detecting it.
+        match_dim: False lets D differ (Ds vs Dt), for losses that compare frames with frames
+            within each model (temporal Gram matrices), never student with teacher features.
 
     Frame rates: if Tt is about r * Ts for an integer r >= 2 (``|Tt - r*Ts| <= r``), the teacher
     is average-pooled over non-overlapping groups of r frames (e.g. a 20 ms teacher for a student
@@ -114,7 +122,7 @@ def align_to_teacher(
     _check_hidden("student", student)
     _check_hidden("teacher", teacher)
     shapes = f"student {tuple(student.shape)}, teacher {tuple(teacher.shape)}"
-    if student.shape[0] != teacher.shape[0] or student.shape[2] != teacher.shape[2]:
+    if student.shape[0] != teacher.shape[0] or (match_dim and student.shape[2] != teacher.shape[2]):
         raise ValueError(f"batch size and feature dim must match: {shapes}")
     ts, tt = student.shape[1], teacher.shape[1]
     if ts == 0 or tt == 0:
@@ -288,3 +296,154 @@ def hint_weights(num_outputs: int, hint_weight: float = 0.1, last_weight: float 
     if num_outputs < 1:
         raise ValueError(f"num_outputs must be >= 1, got {num_outputs}")
     return [float(hint_weight)] * (num_outputs - 1) + [float(last_weight)]
+
+
+# -- masking distillation (ARMHuBERT / MaskHuBERT) -------------------------------------------------
+def masking_distill_loss(
+    student: Tensor,
+    unmasked_teacher: Tensor,
+    masked_teacher: Tensor,
+    valid: Tensor,
+    mask_indices: Tensor,
+    l1: float = 0.0,
+    l2: float = 1.0,
+) -> Dict[str, Tensor]:
+    """Masking distillation of one student output (docs/papers.md#armhubert-and-maskhubert).
+
+    The student saw masked input. Its **masked** frames regress onto the teacher run on the
+    **unmasked** input, its **unmasked** frames onto the teacher run on the **masked** input
+    (same mask positions, the teacher's own mask embedding).
+
+    Args:
+        student: (B, T, D) student output for the masked input (after any head).
+        unmasked_teacher, masked_teacher: (B, T, D) teacher targets; detached here.
+        valid: (B, T) bool, True = the frame counts (padding never does).
+        mask_indices: (B, T) bool, True = the frame was replaced by the mask embedding.
+        l1, l2: weights of the per-frame L1 and MSE (mean over D) terms.
+
+    Returns sums over frames (fairseq divides by ``sample_size`` = all valid frames, which is the
+    paper's normalisation: each term divided by B * T, not by its own frame count):
+        "masked" / "unmasked": the weighted per-frame loss summed over valid masked / unmasked
+        frames; "loss": their sum; "masked_frames", "frames": counts (int64).
+    """
+    if not (student.shape == unmasked_teacher.shape == masked_teacher.shape) or student.dim() != 3:
+        raise ValueError(
+            f"student {tuple(student.shape)}, unmasked_teacher {tuple(unmasked_teacher.shape)} and "
+            f"masked_teacher {tuple(masked_teacher.shape)} must be equal (B, T, D) shapes"
+        )
+    _check_mask("valid", valid, student)
+    _check_mask("mask_indices", mask_indices, student)
+    if l1 < 0 or l2 < 0 or not (l1 > 0 or l2 > 0):
+        raise ValueError(f"masking_distill_loss needs l1, l2 >= 0 and one of them > 0, got {l1}, {l2}")
+    masked = valid & mask_indices
+    unmasked = valid & ~mask_indices
+    student = _zero_invalid(student, valid)
+    # each frame's target: the unmasked teacher where masked, the masked teacher elsewhere
+    target = torch.where(mask_indices.unsqueeze(-1), unmasked_teacher.detach(), masked_teacher.detach())
+    target = _zero_invalid(target, valid)
+    per_frame = student.new_zeros(valid.shape, dtype=torch.float32)
+    if l1 > 0:
+        per_frame = per_frame + l1 * l1_per_frame(student, target)
+    if l2 > 0:
+        per_frame = per_frame + l2 * l2_per_frame(student, target)
+    out = {"masked": masked_sum(per_frame, masked), "unmasked": masked_sum(per_frame, unmasked)}
+    out["loss"] = out["masked"] + out["unmasked"]
+    out["masked_frames"] = count(masked)
+    out["frames"] = count(valid)
+    return out
+
+
+# -- temporal Gram matrices (STaRHuBERT) -----------------------------------------------------------
+GRAM_NORMALIZE = ("frame", "none")
+
+
+def temporal_gram(a: Tensor, b: Tensor, valid: Tensor, normalize: str = "frame") -> Tensor:
+    """Temporal Gram matrix G[t, f] = <a_t, b_f> summed over channels: (B, T, Da), (B, T, Db) -> (B, T, T).
+
+    ``a is b`` gives the layer-wise TGM of one layer; a layer's input and output give its
+    intra-layer TGM (then Da = Db). Padded frames never enter: their rows and columns are 0.
+    ``normalize``: "frame" L2-normalises every frame first (entries are cosine similarities,
+    in [-1, 1], independent of the width and scale of the features), "none" is the raw product.
+    Memory: B * T^2 floats (4 B each in float32): 750 x 750 (15 s at 50 Hz) is 2.25 MB per
+    utterance and matrix.
+    """
+    _check_hidden("a", a)
+    _check_hidden("b", b)
+    if a.shape[:2] != b.shape[:2] or a.shape[2] != b.shape[2]:
+        raise ValueError(f"a {tuple(a.shape)} and b {tuple(b.shape)} must be equal (B, T, D) shapes")
+    _check_mask("valid", valid, a)
+    if normalize not in GRAM_NORMALIZE:
+        raise ValueError(f"normalize must be one of {GRAM_NORMALIZE}, got {normalize!r}")
+    a, b = _zero_invalid(_as_float(a), valid), _zero_invalid(_as_float(b), valid)
+    if normalize == "frame":
+        a = a / a.norm(dim=-1, keepdim=True).clamp_min(COS_EPS)
+        b = b / b.norm(dim=-1, keepdim=True).clamp_min(COS_EPS)
+    return a @ b.transpose(1, 2)
+
+
+def tgm_loss(
+    student_a: Tensor,
+    student_b: Tensor,
+    teacher_a: Tensor,
+    teacher_b: Tensor,
+    valid: Tensor,
+    normalize: str = "frame",
+) -> Dict[str, Tensor]:
+    """MSE between the student's and the teacher's temporal Gram matrices of one layer (pair).
+
+    Args:
+        student_a, student_b: (B, T, Ds) student states (the same tensor twice for a layer-wise
+            TGM; a layer's input and output for an intra-layer TGM).
+        teacher_a, teacher_b: (B, T, Dt) teacher states at the same frames (Dt may differ from
+            Ds: a TGM is T x T whatever the width, so no projection head is needed); detached.
+        valid: (B, T) bool, True = the frame counts.
+        normalize: see :func:`temporal_gram`.
+
+    Returns "loss": sum over utterances of n_b * mean over its n_b x n_b valid entries of
+    (G_s - G_t)^2, so that dividing by the frames (``sample_size``) gives the frame-weighted mean
+    of each utterance's Gram MSE (the plain mean over (B, T, T) when nothing is padded);
+    "frames": the valid frames (int64).
+    """
+    g_s = temporal_gram(student_a, student_b, valid, normalize)
+    with torch.no_grad():
+        g_t = temporal_gram(teacher_a.detach(), teacher_b.detach(), valid, normalize)
+    pairs = (valid.unsqueeze(2) & valid.unsqueeze(1)).float()  # (B, T, T)
+    lengths = valid.sum(-1).float()  # (B,)
+    per_utt = ((g_s - g_t).pow(2) * pairs).sum((1, 2)) / (lengths * lengths).clamp_min(1.0)
+    return {"loss": (per_utt * lengths).sum(), "frames": count(valid)}
+
+
+def gram_bytes(frames: int, batch: int = 1, matrices: int = 1, bytes_per_value: int = 4) -> int:
+    """Memory of ``matrices`` T x T Gram matrices for ``batch`` utterances of ``frames`` frames."""
+    return int(frames) * int(frames) * int(batch) * int(matrices) * int(bytes_per_value)
+
+
+def attention_map_loss(student_maps: Tensor, teacher_maps: Tensor, valid: Tensor) -> Dict[str, Tensor]:
+    """KL(teacher || student) between head-averaged attention maps, summed over query frames.
+
+    Args:
+        student_maps, teacher_maps: (B, H, T, T) or (B, T, T) attention weights (rows sum to 1
+            over the valid keys); head counts may differ: each is averaged over its own heads.
+        valid: (B, T) bool, True = the frame counts; padded queries never count and padded keys
+            are dropped and the rows re-normalised.
+
+    Returns "loss": sum over valid query frames of sum_f p_t log(p_t / p_s); "frames".
+    """
+    def averaged(maps: Tensor) -> Tensor:
+        maps = _as_float(maps)
+        return maps.mean(dim=1) if maps.dim() == 4 else maps
+
+    s, t = averaged(student_maps), averaged(teacher_maps.detach())
+    if s.shape != t.shape or s.dim() != 3 or s.shape[1] != s.shape[2]:
+        raise ValueError(f"attention maps must be (B, [H,] T, T) of the same T, got {tuple(student_maps.shape)} "
+                         f"and {tuple(teacher_maps.shape)}")
+    if tuple(valid.shape) != tuple(s.shape[:2]) or valid.dtype != torch.bool:
+        raise ValueError(f"valid must be a bool {tuple(s.shape[:2])} tensor, got {valid.dtype} {tuple(valid.shape)}")
+    keys = valid.unsqueeze(1)  # (B, 1, T)
+    s = s.masked_fill(~keys, 0.0)
+    t = t.masked_fill(~keys, 0.0)
+    s = s / s.sum(-1, keepdim=True).clamp_min(COS_EPS)
+    t = t / t.sum(-1, keepdim=True).clamp_min(COS_EPS)
+    per_query = torch.where(t > 0, t * (t.clamp_min(COS_EPS).log() - s.clamp_min(COS_EPS).log()),
+                            torch.zeros_like(t)).sum(-1)
+    return {"loss": masked_sum(per_query, valid), "frames": count(valid)}

@@ -26,12 +26,19 @@ from fairseq.criterions import FairseqCriterion, register_criterion
 from fairseq.dataclass import ChoiceEnum, FairseqDataclass
 from omegaconf import II
 
-from fairseq_kd.criterions.kd_losses import align_to_teacher, hint_weights, layer_loss, mean_of_layers
+from fairseq_kd.criterions.kd_losses import (
+    align_to_teacher,
+    hint_weights,
+    layer_loss,
+    masking_distill_loss,
+    mean_of_layers,
+)
+from fairseq_kd.encoders.frames import conv_output_lengths, specs_from_fields
 from fairseq_kd.teacher import check_layers
 
 COS_TYPE_CHOICES = ChoiceEnum(["logsig", "raw"])
 LAYER_REDUCTION_CHOICES = ChoiceEnum(["sum", "mean"])
-PART_PREFIXES = ("loss", "l1", "l2", "cos")
+PART_PREFIXES = ("loss", "l1", "l2", "cos", "masked", "unmasked")
 
 
 @dataclass
@@ -73,6 +80,23 @@ class LayerDistillConfig(FairseqDataclass):
         default="logsig",
         metadata={"help": "logsig: -log sigmoid(cos) (DistilHuBERT); raw: 1 - cos (DPHuBERT)"},
     )
+    # masking distillation (ARMHuBERT / MaskHuBERT, docs/papers.md#armhubert-and-maskhubert)
+    masking_distill: bool = field(
+        default=False,
+        metadata={
+            "help": "in training, mask the student's input (model.mask_prob, model.mask_length, "
+            "model.mask_selection) and run the teacher twice, unmasked and masked at the same frames "
+            "with its own mask embedding: masked student frames learn the unmasked teacher, unmasked "
+            "frames the masked teacher (L1 / MSE terms only); validation is unmasked"
+        },
+    )
+    mask_prob: float = field(default=II("model.mask_prob"), metadata={"help": "the model's mask_prob"})
+    mask_length: int = field(default=II("model.mask_length"), metadata={"help": "the model's mask_length"})
+    mask_selection: str = field(default=II("model.mask_selection"), metadata={"help": "the model's"})
+    time_reduction_factor: int = field(default=II("model.time_reduction_factor"), metadata={"help": "the model's"})
+    conv_channels: List[int] = field(default=II("model.conv_channels"), metadata={"help": "the model's"})
+    conv_kernels: List[int] = field(default=II("model.conv_kernels"), metadata={"help": "the model's"})
+    conv_strides: List[int] = field(default=II("model.conv_strides"), metadata={"help": "the model's"})
 
 
 @dataclass
@@ -163,6 +187,43 @@ def check_targets(targets: Sequence[DistillTarget], cfg: LayerDistillConfig, tea
         check_layers(teacher, target.teacher_layers, key)
 
 
+def check_masking(cfg: LayerDistillConfig, task) -> None:
+    """Masking distillation settings that cannot work, named before the first step."""
+    if cfg.cos_weight > 0:
+        raise ValueError(
+            f"criterion.masking_distill uses L1 / MSE terms only (ARMHuBERT's), but "
+            f"criterion.cos_weight={cfg.cos_weight}: set it to 0"
+        )
+    if cfg.pred_layer_ids:
+        raise ValueError("criterion.masking_distill works on hint heads (model.hint_layer_ids), not on "
+                         "model.pred_layer_ids")
+    if int(cfg.time_reduction_factor) != 1:
+        raise ValueError(
+            f"criterion.masking_distill needs the student's outputs at the teacher's frame rate, but "
+            f"model.time_reduction_factor={cfg.time_reduction_factor}: set it to 1"
+        )
+    if not 0.0 < float(cfg.mask_prob) < 1.0:
+        raise ValueError(
+            f"model.mask_prob={cfg.mask_prob} with criterion.masking_distill: 0 masks no frame (the "
+            "masked term is empty) and 1 or more masks every frame (the unmasked term is empty); "
+            "use a value in (0, 1), e.g. ARMHuBERT's 0.8"
+        )
+    if int(cfg.mask_length) < 1:
+        raise ValueError(f"model.mask_length must be >= 1, got {cfg.mask_length}")
+    shortest = int(getattr(task.cfg, "min_sample_size", 0) or 0)
+    specs = specs_from_fields(cfg.conv_channels, cfg.conv_kernels, cfg.conv_strides)
+    frames = int(conv_output_lengths([shortest], specs)[0]) if shortest > 0 else 0
+    # fairseq's spans are up to 2 x mask_length long with mask_selection=uniform
+    span = int(cfg.mask_length) * (2 if str(cfg.mask_selection) == "uniform" else 1)
+    if frames <= span:
+        raise ValueError(
+            f"task.min_sample_size={shortest} admits utterances of {frames} frames, but model.mask_length="
+            f"{cfg.mask_length} (mask_selection={cfg.mask_selection}) makes spans of up to {span} frames, "
+            f"which mask every frame or none of such an utterance: raise task.min_sample_size above "
+            f"{span} frames or lower model.mask_length"
+        )
+
+
 def teacher_target(states: Sequence[torch.Tensor], layers: List[int]) -> torch.Tensor:
     return states[layers[0]] if len(layers) == 1 else mean_of_layers([states[i] for i in layers])
 
@@ -189,6 +250,34 @@ class LayerDistillCriterion(FairseqCriterion):
         # a plain object, so it never enters the criterion's state_dict
         self.teacher = task.teacher
         check_targets(self.targets, cfg, self.teacher)
+        if cfg.masking_distill:
+            check_masking(cfg, task)
+
+    def masked_forward(self, model, source, padding_mask, teacher_states, teacher_mask):
+        """Masking distillation (training): the loss terms of every target, and the student's outputs."""
+        student = model(source=source, padding_mask=padding_mask, mask=True)
+        mask_indices = student["mask_indices"]  # (B, T) at the CNN rate, the teacher's rate
+        if mask_indices is None or mask_indices.shape[1] != teacher_states[0].shape[1]:
+            raise ValueError(
+                "criterion.masking_distill: the student's CNN frames "
+                f"({None if mask_indices is None else mask_indices.shape[1]}) differ from the teacher's "
+                f"({teacher_states[0].shape[1]}); both CNNs must have the same frames"
+            )
+        masked_states, _ = self.teacher.masked_hidden_states(source.float(), padding_mask, mask_indices)
+        results = []
+        for target in self.targets:
+            prediction = student_output(student, target)
+            s, t, valid = align_to_teacher(
+                prediction, teacher_target(teacher_states, target.teacher_layers), teacher_mask
+            )
+            t_masked = teacher_target(masked_states, target.teacher_layers)[:, : s.size(1)]
+            terms = masking_distill_loss(
+                s, t, t_masked, valid, mask_indices[:, : s.size(1)],
+                l1=self.cfg.l1_weight, l2=self.cfg.l2_weight,
+            )
+            terms["cos_sim"] = layer_loss(s.detach(), t, valid, l2=1.0)["cos_sim"]
+            results.append(terms)
+        return student, results
 
     def forward(self, model, sample, reduce: bool = True):
         net_input = sample["net_input"]
@@ -197,7 +286,11 @@ class LayerDistillCriterion(FairseqCriterion):
 
         teacher = self.teacher.to(source.device)  # moved once; a no-op afterwards
         teacher_states, teacher_mask = teacher.hidden_states(source.float(), padding_mask)
-        student = model(source=source, padding_mask=padding_mask)
+        masked_terms = None
+        if self.cfg.masking_distill and model.training:
+            student, masked_terms = self.masked_forward(model, source, padding_mask, teacher_states, teacher_mask)
+        else:
+            student = model(source=source, padding_mask=padding_mask)
 
         # Logged values and sample_size stay 0-dim tensors on the batch's device (float64, as the
         # Python floats they replace): a float()/int() here would make the host wait for the GPU
@@ -206,21 +299,24 @@ class LayerDistillCriterion(FairseqCriterion):
         total = source.new_zeros((), dtype=torch.float32)
         logging_output: Dict[str, torch.Tensor] = {}
         sample_size = None
-        for target in self.targets:
-            prediction = student_output(student, target)
-            s, t, valid = align_to_teacher(
-                prediction, teacher_target(teacher_states, target.teacher_layers), teacher_mask
-            )
-            terms = layer_loss(
-                s, t, valid, l1=self.cfg.l1_weight, l2=self.cfg.l2_weight,
-                cos=self.cfg.cos_weight, cos_type=str(self.cfg.cos_type),
-            )
+        for i, target in enumerate(self.targets):
+            if masked_terms is not None:
+                terms = masked_terms[i]
+            else:
+                prediction = student_output(student, target)
+                s, t, valid = align_to_teacher(
+                    prediction, teacher_target(teacher_states, target.teacher_layers), teacher_mask
+                )
+                terms = layer_loss(
+                    s, t, valid, l1=self.cfg.l1_weight, l2=self.cfg.l2_weight,
+                    cos=self.cfg.cos_weight, cos_type=str(self.cfg.cos_type),
+                )
             total = total + target.weight * terms["loss"]
             frames = terms["frames"]
             sample_size = frames if sample_size is None else sample_size
             # normalise every layer's sums to the first layer's frame count (they differ by trimming)
             scale = sample_size.double() / frames.clamp(min=1).double()
-            for term in ("loss", "l1", "l2", "cos", "cos_sim"):
+            for term in ("loss", "l1", "l2", "cos", "cos_sim", "masked", "unmasked"):
                 if term in terms:
                     logging_output[f"{term}_{target.name}"] = terms[term].detach().double() * scale
         if self.cfg.layer_reduction == "mean":
@@ -258,3 +354,15 @@ class DistilHubertLossCriterion(LayerDistillCriterion):
 @register_criterion("fithubert_hint", dataclass=FitHubertHintConfig)
 class FitHubertHintCriterion(LayerDistillCriterion):
     pass
+
+
+@dataclass
+class MaskedHintConfig(FitHubertHintConfig):
+    masking_distill: bool = field(
+        default=True, metadata={"help": "ARMHuBERT / MaskHuBERT: masking distillation on (see layer_distill)"}
+    )
+
+
+@register_criterion("masked_hint", dataclass=MaskedHintConfig)
+class MaskedHintCriterion(LayerDistillCriterion):
+    """ARMHuBERT / MaskHuBERT: FitHuBERT's hint weights (0.1 / 1.0, MSE) with masking distillation."""

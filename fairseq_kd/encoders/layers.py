@@ -89,6 +89,9 @@ def fairseq_hidden_states(
     mask: bool = False,
     feature_grad_mult: float = 1.0,
     host_lengths: Optional[Sequence[int]] = None,
+    mask_indices: Optional[Tensor] = None,
+    mask_emb: Optional[Tensor] = None,
+    layer0: str = "projection",
 ) -> Tuple[List[Tensor], Optional[Tensor]]:
     """``[CNN feature, layer 1, ..., layer L]`` of a fairseq HuBERT / wav2vec 2.0 model.
 
@@ -102,6 +105,13 @@ def fairseq_hidden_states(
         host_lengths: the rows' sample lengths as Python ints, if the caller has them: all padding
             decisions are then taken on the host, with no device-to-host transfer once the CNN is
             queued (the teacher's GPU path)
+        mask_indices: (B, T) bool, frames to replace by ``mask_emb`` (masking distillation: the
+            positions the student was masked at), after ``post_extract_proj``, as fairseq masks;
+            ``hidden_states[0]`` is then the masked feature. Not combinable with ``mask``.
+        mask_emb: (D,) the embedding written there; default: the model's own ``mask_emb``
+        layer0: ``"projection"`` (this project's layer 0, above) or ``"layer_input"`` (the first
+            transformer layer's input: after ``pos_conv`` and, for post-LN models, the encoder
+            LayerNorm; transformers' and s3prl's ``hidden_states[0]``)
     Returns:
         the hidden states, each (B, T, D), and the frame padding mask (B, T) (None without
         ``padding_mask``)
@@ -126,6 +136,16 @@ def fairseq_hidden_states(
     x = model.dropout_input(x)
     if mask:
         x, _ = model.apply_mask(x, frame_mask, None)
+    if mask_indices is not None:
+        if mask or tuple(mask_indices.shape) != tuple(x.shape[:2]) or mask_indices.dtype != torch.bool:
+            raise ValueError(
+                f"mask_indices must be a bool {tuple(x.shape[:2])} tensor (one per frame of this model) "
+                f"and not combined with mask=True, got {mask_indices.dtype} {tuple(mask_indices.shape)}"
+            )
+        emb = model.mask_emb if mask_emb is None else mask_emb
+        if emb.shape != x.shape[-1:]:
+            raise ValueError(f"mask_emb has shape {tuple(emb.shape)}, the model's frames {x.shape[-1]} channels")
+        x = torch.where(mask_indices.to(x.device).unsqueeze(-1), emb.to(device=x.device, dtype=x.dtype), x)
     # x: (B, T, D)
     if host_lengths is not None:
         any_padding = has_padded_frames(host_lengths, specs, features.size(-1))
@@ -139,6 +159,14 @@ def fairseq_hidden_states(
     layers = [result[0].transpose(0, 1) for result in layer_results]  # (T, B, D) -> (B, T, D)
     if model.encoder.layer_norm_first:
         layers[-1] = model.encoder.layer_norm(layers[-1])
+    if layer0 == "layer_input":  # as the encoder computes it, on x with its padded frames zeroed
+        if any_padding:
+            x = x.masked_fill(frame_mask.unsqueeze(-1), 0.0)
+        x = x + model.encoder.pos_conv(x.transpose(1, 2)).transpose(1, 2)
+        if not model.encoder.layer_norm_first:
+            x = model.encoder.layer_norm(x)
+    elif layer0 != "projection":
+        raise ValueError(f"layer0={layer0!r}: must be 'projection' or 'layer_input'")
     return [x] + layers, frame_mask
 
 

@@ -122,8 +122,16 @@ def read_checkpoint(
             f"{label} cannot be read ({type(exc).__name__}: {str(exc)[:200]}); the file is corrupt or "
             f"truncated: download or copy it again"
         ) from None
-    except (KeyError, TypeError, AttributeError, ValueError) as exc:
-        # fairseq's _upgrade_state_dict indexes the keys a fairseq training checkpoint has
+    except KeyError as exc:
+        # fairseq's _upgrade_state_dict indexes the keys a fairseq training checkpoint has; the
+        # minimal layout of old releases and converters (only `args`/`cfg` and `model`) has none
+        state = _minimal_layout(path, arg_overrides)
+        if state is None:
+            raise error(
+                f"{label} is a PyTorch file but not a fairseq training checkpoint (fairseq's loader failed "
+                f"with {type(exc).__name__}: {str(exc)[:200]}); {fix}"
+            ) from None
+    except (TypeError, AttributeError, ValueError) as exc:
         raise error(
             f"{label} is a PyTorch file but not a fairseq training checkpoint (fairseq's loader failed "
             f"with {type(exc).__name__}: {str(exc)[:200]}); {fix}"
@@ -136,6 +144,38 @@ def read_checkpoint(
                 f"with a 'cfg'/'args' describing them); {fix}"
             )
     return state
+
+
+def _minimal_layout(path: str, arg_overrides: Optional[Dict[str, Any]] = None) -> Optional[Dict[str, Any]]:
+    """A checkpoint holding only ``model`` weights and ``args`` (or ``cfg``), completed with an empty
+    training history so that fairseq's own upgrade (``args`` -> ``cfg``) reads it; None otherwise."""
+    from fairseq import checkpoint_utils
+
+    try:
+        with open(path, "rb") as f:
+            state = checkpoint_utils.torch.load(f, map_location="cpu")
+    except Exception:  # noqa: BLE001 - the caller reports the original error
+        return None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        return None
+    if state.get("args") is None and state.get("cfg") is None or "optimizer_history" in state:
+        return None
+    state["optimizer_history"] = [
+        {"criterion_name": None, "optimizer_name": None, "lr_scheduler_state": {"best": None}, "num_updates": 0}
+    ]
+    state.setdefault("extra_state", {"train_iterator": {"epoch": 1}, "val_loss": None})
+    state.setdefault("last_optimizer_state", None)
+    if arg_overrides and state.get("args") is not None:
+        for name, value in arg_overrides.items():
+            setattr(state["args"], name, value)
+    if state.get("cfg") is not None:
+        from omegaconf import OmegaConf
+
+        state["cfg"] = OmegaConf.create(state["cfg"])
+    try:
+        return checkpoint_utils._upgrade_state_dict(state)
+    except Exception:  # noqa: BLE001
+        return None
 
 
 # -- 2. what the file holds ------------------------------------------------------------------------

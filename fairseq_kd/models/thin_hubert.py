@@ -195,6 +195,27 @@ class ThinHubertConfig(FairseqDataclass):
         },
     )
 
+    # attention-map reuse (ARMHuBERT, docs/papers.md#armhubert-and-maskhubert)
+    # List[str], not List[bool]: fairseq's argparse bridge cannot parse bool lists; entries are
+    # true / false (yaml booleans arrive as "True" / "False")
+    reuse_pattern: List[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "one entry per transformer layer, ARMHuBERT's convention: True = the layer "
+            "computes its own attention map (has Q/K projections), False = it has no Q/K and "
+            "applies the previous layer's attention weights to its own values; "
+            "[True, False] * 6 is ARMHuBERT's; empty = every layer computes its own"
+        },
+    )
+    layer_grad_scale: bool = field(
+        default=False,
+        metadata={
+            "help": "ARMHuBERT's per-layer gradient scaling: layer l of L passes its output on "
+            "with gradient x m_l = (L - l + 1) / (L - l + 2) and exposes it for distillation "
+            "with a further x (1 - m_l); forward values are unchanged"
+        },
+    )
+
     # masking (used when fine-tuning with mask=True)
     mask_length: int = field(default=10, metadata={"help": "mask length"})
     mask_prob: float = field(
@@ -343,6 +364,7 @@ def check_config(cfg: ThinHubertConfig) -> None:
             f"time_reduction_layer must be in [0, encoder_layers={cfg.encoder_layers}), "
             f"got {cfg.time_reduction_layer}"
         )
+    check_reuse_pattern(cfg)
     hint_ids = list(cfg.hint_layer_ids)
     if len(set(hint_ids)) != len(hint_ids):
         raise ValueError(f"hint_layer_ids has duplicates: {hint_ids}")
@@ -361,6 +383,50 @@ def check_config(cfg: ThinHubertConfig) -> None:
     if len(set(pred_ids)) != len(pred_ids) or any(l < 0 for l in pred_ids):
         raise ValueError(
             f"pred_layer_ids must be distinct non-negative teacher layers, got {pred_ids}"
+        )
+
+
+_BOOLS = {"true": True, "1": True, "false": False, "0": False}
+
+
+def _pattern_entries(cfg: Any) -> List[bool]:
+    raw = list(_cfg_get(cfg, "reuse_pattern", None) or [])
+    entries = []
+    for x in raw:
+        value = x if isinstance(x, bool) else _BOOLS.get(str(x).strip().lower())
+        if value is None:
+            raise ValueError(f"model.reuse_pattern must be a list of true/false, got {raw}")
+        entries.append(value)
+    return entries
+
+
+def reuse_pattern(cfg: Any) -> List[bool]:
+    """Per layer whether it computes its own attention map (``model.reuse_pattern``, or all True)."""
+    return _pattern_entries(cfg) or [True] * int(cfg.encoder_layers)
+
+
+def check_reuse_pattern(cfg: Any) -> None:
+    """``model.reuse_pattern`` must give every layer an entry and let every reusing layer reuse."""
+    pattern = _pattern_entries(cfg)
+    if not pattern:
+        return
+    if len(pattern) != cfg.encoder_layers:
+        raise ValueError(
+            f"model.reuse_pattern has {len(pattern)} entries but model.encoder_layers is "
+            f"{cfg.encoder_layers}: give one entry per layer (True = computes its attention map, "
+            "False = reuses the previous layer's), e.g. [True, False] * 6 for 12 layers"
+        )
+    if not pattern[0]:
+        raise ValueError(
+            "model.reuse_pattern[0] is False, but the first layer has no previous layer whose "
+            "attention map it could reuse: the first entry must be True"
+        )
+    r, at = cfg.time_reduction_factor, cfg.time_reduction_layer
+    if r > 1 and not pattern[at]:
+        raise ValueError(
+            f"model.reuse_pattern[{at}] is False, but the time reduction "
+            f"(model.time_reduction_layer={at}) changes the frame count before that layer, so "
+            "the previous layer's attention map does not fit: it must be True"
         )
 
 
@@ -424,6 +490,131 @@ class HintHead(nn.Module):
         return self.proj(x)
 
 
+SharedAttention = Tuple[torch.Tensor, torch.Tensor]  # queries and keys, each (B, H, T, head_dim)
+
+
+class ReuseSelfAttention(nn.Module):
+    """Self-attention of an attention-reuse student (ARMHuBERT), with fairseq's parameter names.
+
+    A computing layer (``computes=True``) has ``q_proj`` / ``k_proj`` / ``v_proj`` / ``out_proj``;
+    a reusing layer has only ``v_proj`` / ``out_proj`` and applies the attention weights of the
+    computing layer before it, softmax(Q K^T / sqrt(d) + key padding mask), to its own values.
+
+    How the weights travel: the computing layer hands on its queries and keys
+    (B, H, T, head_dim each, O(T D) memory) instead of the (B, H, T, T) weights, and both layers
+    call the fused ``F.scaled_dot_product_attention`` on them: the reusing layer's weights are the
+    computing layer's by construction (same Q, same K, same key mask, same softmax), no T x T
+    map is materialised in either layer, and the reusing layer still saves the Q/K projections
+    (2 T D^2 MACs); what it spends is the fused kernel's recomputation of Q K^T (T^2 D MACs).
+    Attention dropout (training only) draws its own mask in each layer, as two separate
+    dropouts on the same weights would. Padding-exact: padded keys are masked out, so a padded
+    row's valid frames equal the utterance run alone.
+    """
+
+    def __init__(self, embed_dim: int, num_heads: int, dropout: float, computes: bool) -> None:
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        self.dropout = dropout
+        self.computes = computes
+        self.q_proj = nn.Linear(embed_dim, embed_dim) if computes else None
+        self.k_proj = nn.Linear(embed_dim, embed_dim) if computes else None
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, embed_dim)
+
+    def _split_heads(self, y: torch.Tensor) -> torch.Tensor:
+        # (B, T, C) -> (B, H, T, head_dim)
+        return y.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key_padding_mask: Optional[torch.Tensor] = None,
+        reused: Optional[SharedAttention] = None,
+    ) -> Tuple[torch.Tensor, SharedAttention]:
+        """query: (T, B, C) as fairseq's layers pass it; key_padding_mask: (B, T), True = pad.
+
+        ``reused``: the previous computing layer's (queries, keys); required iff not ``computes``.
+        Returns the attention output (T, B, C) and the (queries, keys) a next layer can reuse.
+        """
+        # contiguous (B, T, C) whatever the layer passed (torch.export specialises otherwise)
+        x = query.transpose(0, 1).clone(memory_format=torch.contiguous_format)
+        if self.computes:
+            q, k = self._split_heads(self.q_proj(x)), self._split_heads(self.k_proj(x))
+        elif reused is None:
+            raise ValueError("a reusing attention layer needs the previous layer's queries and keys")
+        else:
+            q, k = reused
+        v = self._split_heads(self.v_proj(x))
+        allowed = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=allowed, dropout_p=self.dropout if self.training else 0.0
+        )
+        # (B, H, T, head_dim) -> (B, T, C) -> (T, B, C)
+        out = self.out_proj(out.transpose(1, 2).flatten(2))
+        return out.transpose(0, 1), (q, k)
+
+    def attention_weights(
+        self, reused_or_query: Any, key_padding_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """The (B, H, T, T) weights this layer applies (explicit softmax; for analysis and tests).
+
+        ``reused_or_query``: the (queries, keys) this layer reuses, or its (T, B, C) input if it
+        computes its own.
+        """
+        if isinstance(reused_or_query, torch.Tensor):
+            x = reused_or_query.transpose(0, 1)
+            q, k = self._split_heads(self.q_proj(x)), self._split_heads(self.k_proj(x))
+        else:
+            q, k = reused_or_query
+        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+        if key_padding_mask is not None:
+            scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+        return scores.softmax(dim=-1)
+
+
+class ReuseTransformerLayer(TransformerSentenceEncoderLayer):
+    """fairseq's wav2vec 2.0 encoder layer (same modules, names and order of operations) whose
+    self-attention is a :class:`ReuseSelfAttention`."""
+
+    def __init__(self, *, computes: bool, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.self_attn = ReuseSelfAttention(
+            self.embedding_dim,
+            kwargs["num_attention_heads"],
+            kwargs["attention_dropout"],
+            computes=computes,
+        )
+
+    def forward(  # type: ignore[override]
+        self,
+        x: torch.Tensor,
+        self_attn_padding_mask: Optional[torch.Tensor] = None,
+        reused: Optional[SharedAttention] = None,
+    ) -> Tuple[torch.Tensor, SharedAttention]:
+        # x: (T, B, C) -> (T, B, C), and the (queries, keys) the next layer may reuse
+        residual = x
+        if self.layer_norm_first:
+            x, shared = self.self_attn(self.self_attn_layer_norm(x), self_attn_padding_mask, reused)
+            x = residual + self.dropout1(x)
+            residual = x
+            x = self.dropout2(self.activation_fn(self.fc1(self.final_layer_norm(x))))
+            x = residual + self.dropout3(self.fc2(x))
+        else:
+            x, shared = self.self_attn(x, self_attn_padding_mask, reused)
+            x = self.self_attn_layer_norm(residual + self.dropout1(x))
+            residual = x
+            x = self.dropout2(self.activation_fn(self.fc1(x)))
+            x = self.final_layer_norm(residual + self.dropout3(self.fc2(x)))
+        return x, shared
+
+
+def layer_grad_multipliers(num_layers: int) -> List[float]:
+    """ARMHuBERT's ``layer_grad_scale``: m_l = (L - l + 1) / (L - l + 2) for layers l = 1..L."""
+    return [(num_layers - i) / (num_layers - i + 1) for i in range(num_layers)]
+
+
 class ThinTransformerEncoder(nn.Module):
     """fairseq's wav2vec2 ``TransformerEncoder`` with an optional time-reduction layer.
 
@@ -443,20 +634,29 @@ class ThinTransformerEncoder(nn.Module):
             self.embedding_dim, cfg.conv_pos, cfg.conv_pos_groups
         )
         self.layer_norm = LayerNorm(self.embedding_dim)
+        layer_args = dict(
+            embedding_dim=self.embedding_dim,
+            ffn_embedding_dim=cfg.encoder_ffn_embed_dim,
+            num_attention_heads=cfg.encoder_attention_heads,
+            dropout=cfg.dropout,
+            attention_dropout=cfg.attention_dropout,
+            activation_dropout=cfg.activation_dropout,
+            activation_fn=cfg.activation_fn,
+            layer_norm_first=cfg.layer_norm_first,
+        )
+        self.reuse_pattern = reuse_pattern(cfg)
+        # fairseq's own layers unless some layer reuses an attention map
+        self.reuses = not all(self.reuse_pattern)
         self.layers = nn.ModuleList(
             [
-                TransformerSentenceEncoderLayer(
-                    embedding_dim=self.embedding_dim,
-                    ffn_embedding_dim=cfg.encoder_ffn_embed_dim,
-                    num_attention_heads=cfg.encoder_attention_heads,
-                    dropout=cfg.dropout,
-                    attention_dropout=cfg.attention_dropout,
-                    activation_dropout=cfg.activation_dropout,
-                    activation_fn=cfg.activation_fn,
-                    layer_norm_first=cfg.layer_norm_first,
-                )
-                for _ in range(cfg.encoder_layers)
+                ReuseTransformerLayer(computes=computes, **layer_args)
+                if self.reuses
+                else TransformerSentenceEncoderLayer(**layer_args)
+                for computes in self.reuse_pattern
             ]
+        )
+        self.grad_multipliers = (
+            layer_grad_multipliers(cfg.encoder_layers) if _cfg_get(cfg, "layer_grad_scale", False) else None
         )
         self.time_reduction_factor = cfg.time_reduction_factor
         self.time_reduction_layer = cfg.time_reduction_layer
@@ -492,8 +692,10 @@ class ThinTransformerEncoder(nn.Module):
         layer: nn.Module,
         x: torch.Tensor,
         padding_mask: Optional[torch.Tensor],
-    ) -> torch.Tensor:
-        # x: (B, T, C), padded to required_seq_len_multiple inside and cut back after
+        reused: Optional[SharedAttention] = None,
+    ) -> Tuple[torch.Tensor, Optional[SharedAttention]]:
+        # x: (B, T, C), padded to required_seq_len_multiple inside and cut back after; returns
+        # the layer's output and, for a reuse student, its (queries, keys) at the padded length
         tsz = x.size(1)
         x, pad_length = pad_to_multiple(x, self.required_seq_len_multiple, dim=-2)
         if pad_length > 0:
@@ -502,8 +704,11 @@ class ThinTransformerEncoder(nn.Module):
             padding_mask, _ = pad_to_multiple(
                 padding_mask, self.required_seq_len_multiple, dim=-1, value=True
             )
-        x, _ = layer(x.transpose(0, 1), self_attn_padding_mask=padding_mask)
-        return x.transpose(0, 1)[:, :tsz]
+        if self.reuses:
+            x, shared = layer(x.transpose(0, 1), self_attn_padding_mask=padding_mask, reused=reused)
+        else:
+            (x, _), shared = layer(x.transpose(0, 1), self_attn_padding_mask=padding_mask), None
+        return x.transpose(0, 1)[:, :tsz], shared
 
     def forward(
         self,
@@ -527,15 +732,27 @@ class ThinTransformerEncoder(nn.Module):
 
         num_layers = len(self.layers) if tgt_layer is None else tgt_layer
         hidden_states, padding_masks = [], []
+        shared: Optional[SharedAttention] = None  # the last computing layer's queries and keys
         for i, layer in enumerate(self.layers[:num_layers]):
             if self.time_reduction is not None and i == self.time_reduction_layer:
                 x, padding_mask = self.reduce_time(x, padding_mask)
             dropped = self.training and self.layerdrop > 0 and (
                 np.random.random() < self.layerdrop
             )
+            if self.reuses and not self.reuse_pattern[i] and shared is None:
+                dropped = True  # the layer whose map it reuses was dropped (layerdrop)
             if not dropped:
-                x = self.forward_layer(layer, x, padding_mask)
-            hidden_states.append(x)
+                x, produced = self.forward_layer(layer, x, padding_mask, reused=shared)
+                if self.reuse_pattern[i]:
+                    shared = produced
+            elif self.reuse_pattern[i]:
+                shared = None
+            hidden = x
+            if self.grad_multipliers is not None:
+                # ARMHuBERT: the stream carries x m_l, the exposed output x m_l (1 - m_l)
+                x = GradMultiply.apply(x, self.grad_multipliers[i])
+                hidden = GradMultiply.apply(x, 1.0 - self.grad_multipliers[i])
+            hidden_states.append(hidden)
             padding_masks.append(padding_mask)
 
         if self.layer_norm_first and num_layers == len(self.layers):
@@ -941,9 +1158,11 @@ class ThinHubertModel(BaseFairseqModel):
         r = cfg.time_reduction_factor
         reduction = (t_cnn / r) * D * D * r if r > 1 else 0.0
         layers = 0.0
-        for i in range(cfg.encoder_layers):
+        for i, computes in enumerate(reuse_pattern(cfg)):
             t = t_cnn / r if r > 1 and i >= cfg.time_reduction_layer else t_cnn
-            layers += t * (4 * D * D + 2 * t * D + 2 * D * F_)
+            # a reusing layer has no Q/K projections (the fused kernel recomputes Q K^T)
+            projections = 4 * D * D if computes else 2 * D * D
+            layers += t * (projections + 2 * t * D + 2 * D * F_)
         return {
             "cnn": cnn,
             "post_extract_proj": proj,

@@ -839,9 +839,21 @@ def replace_corpus(built: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
         out.rename(old)
         built.rename(out)
+        keep_other_files(old, out)
         shutil.rmtree(old)
     else:
         built.rename(out)
+
+
+def keep_other_files(old: Path, new: Path) -> None:
+    """Move every file of ``old`` that the new corpus does not have into ``new``: a re-run replaces
+    the corpus' own files and nothing else the user keeps in the folder."""
+    for path in sorted(old.rglob("*")):
+        target = new / path.relative_to(old)
+        if path.is_dir() or target.exists() or target.is_symlink():
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.rename(target)
 
 
 def looks_replaceable(out: Path) -> bool:

@@ -23,7 +23,6 @@ the uninterrupted run would have (fairseq already restores the batch order).
 
 import logging
 import os
-import shutil
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -33,38 +32,36 @@ from fairseq.tasks.audio_pretraining import AudioPretrainingConfig, AudioPretrai
 from omegaconf import II, MISSING
 from omegaconf.errors import MissingMandatoryValue
 
-from fairseq_kd.data.audio_checks import validated_manifest
+from fairseq_kd.data.audio_checks import ManifestCheckConfig, check_max_tokens, checked_split
 from fairseq_kd.data.seeded_crops import seed_crops, task_crop_seed
 from fairseq_kd.distributed import check_replicas
+from fairseq_kd.encoders.hf import LAYER0_CHOICES, LAYER0_HELP
+from fairseq_kd.tasks.run_folder import FINGERPRINT_KEY, RunFolderConfig, check_run_folder, fingerprint
 from fairseq_kd.teacher import FrozenTeacher, TeacherError, check_layers
 
 logger = logging.getLogger(__name__)
 
 TEACHER_DTYPE_CHOICES = ChoiceEnum(["fp32", "bf16", "fp16"])
+TEACHER_LAYER0_CHOICES = ChoiceEnum(list(LAYER0_CHOICES))
 
 
 @dataclass
-class DistillHubertConfig(AudioPretrainingConfig):
+class DistillHubertConfig(AudioPretrainingConfig, ManifestCheckConfig, RunFolderConfig):
+    # data checks (task.validate_audio, audio_check, skip_bad_rows): ManifestCheckConfig
     # teacher
     teacher_path: str = field(
         default=MISSING,
-        metadata={"help": "fairseq HuBERT / wav2vec 2.0 checkpoint to distil from (e.g. hubert_base_ls960.pt)"},
+        metadata={"help": "fairseq HuBERT / wav2vec 2.0 checkpoint to distil from (e.g. hubert_base_ls960.pt), "
+                  "or a local transformers HuBERT / wav2vec 2.0 / WavLM / data2vec-audio folder (config.json; "
+                  "the 'hf' extra)"},
+    )
+    teacher_layer0: TEACHER_LAYER0_CHOICES = field(
+        default="projection",
+        metadata={"help": "what teacher layer 0 is: " + LAYER0_HELP},
     )
     teacher_dtype: TEACHER_DTYPE_CHOICES = field(
         default="fp32",
         metadata={"help": "dtype of the teacher's forward pass; its outputs are always float32"},
-    )
-    # data checks
-    validate_audio: bool = field(
-        default=True,
-        metadata={
-            "help": "before training, read every manifest row's audio header: missing files, wrong "
-            "sample rate, multi-channel or empty audio and stale sample counts are errors"
-        },
-    )
-    skip_bad_rows: bool = field(
-        default=False,
-        metadata={"help": "skip (and count) bad manifest rows instead of stopping with an error"},
     )
     # reproducibility
     seeded_crops: bool = field(
@@ -116,20 +113,20 @@ class DistillHubertTask(AudioPretrainingTask):
 
     def _load_checked_dataset(self, split: str, task_cfg=None, **kwargs):
         task_cfg = task_cfg or self.cfg
-        manifest = os.path.join(self.cfg.data, f"{split}.tsv")
-        if getattr(task_cfg, "binarized_dataset", False) or not self.cfg.validate_audio:
+        if getattr(task_cfg, "binarized_dataset", False):
             return super().load_dataset(split, task_cfg, **kwargs)
-        checked = validated_manifest(manifest, self.cfg.sample_rate, self.cfg.skip_bad_rows)
-        if checked == manifest:
-            return super().load_dataset(split, task_cfg, **kwargs)
-        # point fairseq's loader at the filtered copy, then restore the configured data folder
-        original_data = self.cfg.data
-        self.cfg.data = os.path.dirname(checked)
-        try:
-            return super().load_dataset(split, task_cfg, **kwargs)
-        finally:
-            self.cfg.data = original_data
-            shutil.rmtree(os.path.dirname(checked), ignore_errors=True)  # fairseq read it already
+        with checked_split(self.cfg.data, split, self.cfg) as data:
+            # point fairseq's loader at the checked folder (a filtered copy when rows are skipped)
+            original_data = self.cfg.data
+            self.cfg.data = data
+            try:
+                return super().load_dataset(split, task_cfg, **kwargs)
+            finally:
+                self.cfg.data = original_data
+
+    def get_batch_iterator(self, dataset, max_tokens=None, *args, **kwargs):
+        check_max_tokens(dataset, max_tokens, self.cfg.sample_rate)
+        return super().get_batch_iterator(dataset, max_tokens, *args, **kwargs)
 
     # -- distributed checks ----------------------------------------------------------------------
     def begin_valid_epoch(self, epoch, model):
@@ -156,7 +153,9 @@ class DistillHubertTask(AudioPretrainingTask):
                 "e.g. task.teacher_path=hubert_base_ls960.pt"
             )
         try:
-            teacher = FrozenTeacher.from_checkpoint(path, dtype=str(self.cfg.teacher_dtype))
+            teacher = FrozenTeacher.from_checkpoint(
+                path, dtype=str(self.cfg.teacher_dtype), layer0=str(self.cfg.teacher_layer0)
+            )
         except TeacherError as error:
             raise TeacherError(f"task.teacher_path: {error}") from None
         teacher_rate = teacher.cfg.task.get("sample_rate", 16000) if teacher.cfg is not None else 16000
@@ -169,7 +168,7 @@ class DistillHubertTask(AudioPretrainingTask):
         if bool(teacher.normalize) != bool(self.cfg.normalize):
             raise TeacherError(
                 f"task.normalize={self.cfg.normalize} but the teacher {path} was trained with "
-                f"normalize={teacher.normalize}: set task.normalize={str(teacher.normalize).lower()} "
+                f"normalize={teacher.normalize}{_source(teacher)}: set task.normalize={str(teacher.normalize).lower()} "
                 "so the student sees the audio the way the teacher did"
             )
         logger.info(
@@ -185,7 +184,7 @@ class DistillHubertTask(AudioPretrainingTask):
         teacher = self.teacher
         check_student_against_teacher(model_cfg, teacher)
         copied = model.init_from_teacher(
-            teacher.model.state_dict(),
+            teacher.fairseq_state_dict(),
             teacher.cfg.model,
             init_cnn=model_cfg.init_teacher_cnn,
             init_pos_conv=model_cfg.init_teacher_pos_conv,
@@ -193,7 +192,23 @@ class DistillHubertTask(AudioPretrainingTask):
         )
         if copied:
             logger.info(f"initialised {len(copied)} student tensors from the teacher")
+        self.check_run_folder(model_cfg, model)
         return model
+
+    def check_run_folder(self, model_cfg, model) -> None:
+        """Resuming ``checkpoint.save_dir`` must continue this run (tasks/run_folder.py); the
+        teacher's fingerprint goes into the task state, so into every checkpoint."""
+        path = getattr(self._teacher, "path", None) or self.cfg.get("teacher_path", None)
+        if not isinstance(path, str) or not os.path.exists(path):
+            return  # a teacher built in memory (benchmark, report)
+        digest = fingerprint(path)
+        self.state.merge_state_dict({FINGERPRINT_KEY: digest})
+        check_run_folder(self.cfg, model_cfg, model, teacher_path=path, teacher_fingerprint=digest)
+
+
+def _source(teacher: FrozenTeacher) -> str:
+    where = getattr(teacher, "normalize_source", None)  # a transformers teacher: file and key
+    return f" ({where})" if where else ""
 
 
 def check_student_against_teacher(model_cfg, teacher: FrozenTeacher) -> None:

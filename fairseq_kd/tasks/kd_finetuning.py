@@ -46,8 +46,10 @@ from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.audio_finetuning import AudioFinetuningConfig, AudioFinetuningTask
 
+from fairseq_kd.data.audio_checks import ManifestCheckConfig, check_max_tokens, checked_split
 from fairseq_kd.encoders.frames import conv_specs, output_lengths, samples_per_frame
 from fairseq_kd.encoders.pretrained import check_channel_masking, is_fine_tuned, read_checkpoint, trained_normalize
+from fairseq_kd.tasks.run_folder import RunFolderConfig, check_run_folder
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +68,9 @@ class FinetuneInputError(ValueError):
 
 
 @dataclass
-class KDAudioFinetuningConfig(AudioFinetuningConfig):
-    # input checks
+class KDAudioFinetuningConfig(AudioFinetuningConfig, ManifestCheckConfig, RunFolderConfig):
+    # input checks; the manifest and audio checks (task.validate_audio, audio_check, skip_bad_rows)
+    # are ManifestCheckConfig's, the same as distill_hubert's and kws_sv's
     check_labels: bool = field(
         default=True,
         metadata={
@@ -99,15 +102,25 @@ class KDAudioFinetuningTask(AudioFinetuningTask):
     # -- data ------------------------------------------------------------------------------------
     def load_dataset(self, split: str, task_cfg: AudioFinetuningConfig = None, **kwargs):
         task_cfg = task_cfg or self.cfg
-        if self.cfg.check_labels and task_cfg.labels and not getattr(task_cfg, "binarized_dataset", False):
-            check_dictionary_file(self.cfg.data, task_cfg.labels)
-            check_label_file(
-                os.path.join(self.cfg.data, f"{split}.tsv"),
-                os.path.join(self.cfg.data, f"{split}.{task_cfg.labels}"),
-                self.target_dictionary,
-                os.path.join(self.cfg.data, f"dict.{task_cfg.labels}.txt"),
-            )
-        super().load_dataset(split, task_cfg, **kwargs)
+        label_exts = [task_cfg.labels] if task_cfg.labels else []
+        # the manifest check every task runs first, then the labels against it
+        with checked_split(self.cfg.data, split, self.cfg, label_exts) as data:
+            if self.cfg.check_labels and task_cfg.labels and not getattr(task_cfg, "binarized_dataset", False):
+                check_dictionary_file(self.cfg.data, task_cfg.labels)
+                check_label_file(
+                    os.path.join(self.cfg.data, f"{split}.tsv"),
+                    os.path.join(self.cfg.data, f"{split}.{task_cfg.labels}"),
+                    self.target_dictionary,
+                    os.path.join(self.cfg.data, f"dict.{task_cfg.labels}.txt"),
+                )
+            if task_cfg.labels:
+                self.target_dictionary  # read from the configured folder before it is swapped below
+            original_data = self.cfg.data
+            self.cfg.data = data  # a filtered copy of the split when task.skip_bad_rows skipped rows
+            try:
+                super().load_dataset(split, task_cfg, **kwargs)
+            finally:
+                self.cfg.data = original_data
         self._ctc_checked.discard(split)
         self.ctc_too_short.pop(split, None)
         self.check_ctc_lengths(split)
@@ -146,6 +159,10 @@ class KDAudioFinetuningTask(AudioFinetuningTask):
                 "(task.ctc_length_check=skip leaves them out, =error stops)."
             )
 
+    def get_batch_iterator(self, dataset, max_tokens=None, *args, **kwargs):
+        check_max_tokens(dataset, max_tokens, self.cfg.sample_rate)
+        return super().get_batch_iterator(dataset, max_tokens, *args, **kwargs)
+
     def filter_indices_by_size(self, indices, dataset, max_positions=None, ignore_invalid_inputs=False):
         indices = super().filter_indices_by_size(indices, dataset, max_positions, ignore_invalid_inputs)
         for split, too_short in self.ctc_too_short.items():
@@ -165,6 +182,8 @@ class KDAudioFinetuningTask(AudioFinetuningTask):
             pretrained = check_pretrained_checkpoint(name, model_cfg.w2v_path, bool(self.cfg.normalize))
             check_channel_masking(model_cfg, pretrained.model, FinetuneInputError)
         model = super().build_model(model_cfg, from_checkpoint)
+        if not from_checkpoint:
+            check_run_folder(self.cfg, model_cfg, model)  # resuming save_dir must continue this run
 
         encoder = getattr(getattr(model, "w2v_encoder", None), "w2v_model", None)
         if encoder is None:

@@ -41,10 +41,9 @@ from omegaconf import II, MISSING
 
 from fairseq import metrics
 from fairseq.data import BaseWrapperDataset, FileAudioDataset
-from fairseq.dataclass import FairseqDataclass
 from fairseq.tasks import FairseqTask, register_task
 
-from fairseq_kd.data.audio_checks import validated_manifest
+from fairseq_kd.data.audio_checks import ManifestCheckConfig, check_max_tokens, checked_split
 from fairseq_kd.data.kws_sv import (
     NO_LABEL,
     KwsSvDataError,
@@ -61,6 +60,7 @@ from fairseq_kd.data.kws_sv import (
     split_paths,
 )
 from fairseq_kd.evaluation.kws_sv import verification_metrics
+from fairseq_kd.tasks.run_folder import RunFolderConfig, check_run_folder
 
 logger = logging.getLogger(__name__)
 
@@ -68,7 +68,7 @@ TRIALS_SEED = 1234
 
 
 @dataclass
-class KwsSvConfig(FairseqDataclass):
+class KwsSvConfig(ManifestCheckConfig, RunFolderConfig):
     data: str = field(default=MISSING, metadata={"help": "folder with {split}.tsv/.kw/.spk, dict.kw.txt, trials.txt"})
 
     # tasks
@@ -91,9 +91,7 @@ class KwsSvConfig(FairseqDataclass):
     min_sample_size: int = field(
         default=400, metadata={"help": "leave out utterances shorter than this (the CNN's receptive field)"}
     )
-    validate_audio: bool = field(
-        default=True, metadata={"help": "check every row's audio header (exists, sample rate, mono, length) first"}
-    )
+    # task.validate_audio, audio_check, skip_bad_rows: ManifestCheckConfig (the same check as distill_hubert's)
 
     # speaker verification protocol
     trials: str = field(
@@ -206,18 +204,26 @@ class KwsSvTask(FairseqTask):
 
     # -- data ------------------------------------------------------------------------------------------
     def load_dataset(self, split: str, combine: bool = False, task_cfg=None, **kwargs):
+        exts = [ext for ext, on in ((self.cfg.kw_labels, self.cfg.kws), (self.cfg.spk_labels, self.cfg.sv)) if on]
+        # the manifest check every task runs; a filtered copy of the split when rows are skipped
+        with checked_split(self.cfg.data, split, self.cfg, exts) as data:
+            self._load_split(split, data)
+
+    def get_batch_iterator(self, dataset, max_tokens=None, *args, **kwargs):
+        check_max_tokens(dataset, max_tokens, self.cfg.sample_rate)
+        return super().get_batch_iterator(dataset, max_tokens, *args, **kwargs)
+
+    def _load_split(self, split: str, data: str) -> None:
         cfg = self.cfg
-        manifest, paths = split_paths(cfg.data, split)
-        if cfg.validate_audio:
-            validated_manifest(manifest, cfg.sample_rate, skip_bad_rows=False)
+        manifest, paths = split_paths(data, split)
         keyword_labels = [NO_LABEL] * len(paths)
         if cfg.kws:
-            keyword_labels = read_labels(cfg.data, split, cfg.kw_labels, len(paths), "keyword")
+            keyword_labels = read_labels(data, split, cfg.kw_labels, len(paths), "keyword")
             check_keyword_labels(keyword_labels, self.keywords, self.label_path(split, cfg.kw_labels), self.dict_path)
         speaker_labels = [NO_LABEL] * len(paths)
         is_train = split == cfg.train_subset
         if cfg.sv:
-            speaker_labels = read_labels(cfg.data, split, cfg.spk_labels, len(paths), "speaker")
+            speaker_labels = read_labels(data, split, cfg.spk_labels, len(paths), "speaker")
             if not is_train and cfg.disjoint_speakers:
                 check_disjoint_speakers(
                     self.train_speaker_lines(), self.label_path(cfg.train_subset, cfg.spk_labels),
@@ -292,6 +298,8 @@ class KwsSvTask(FairseqTask):
         if not from_checkpoint:
             self.check_trial_split()
         model = super().build_model(model_cfg, from_checkpoint)
+        if not from_checkpoint:
+            check_run_folder(self.cfg, model_cfg, model)  # resuming save_dir must continue this run
         # as fairseq's audio_pretraining: the encoder's config goes into the saved config
         actual = getattr(model, "cfg", None)
         if actual is not None and actual.get("w2v_args", None) is not None:
