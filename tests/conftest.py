@@ -85,6 +85,20 @@ def edited_cfg(base: Dict[str, object], edits: Dict[str, object]):
     return cfg
 
 
+def waves(*lengths: int, seed: int = 0):
+    """Right-padded batch of random waveforms, its (B, S) padding mask and the rows alone."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(n, generator=gen) for n in lengths]
+    source = torch.zeros(len(rows), max(lengths))
+    mask = torch.ones(len(rows), max(lengths), dtype=torch.bool)
+    for i, row in enumerate(rows):
+        source[i, : len(row)] = row
+        mask[i, : len(row)] = False
+    return source, mask, rows
+
+
 def python_snippet(code: str, **kwargs) -> subprocess.CompletedProcess:
     return run([sys.executable, "-c", code], **kwargs)
 

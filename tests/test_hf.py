@@ -1,5 +1,5 @@
 """HuggingFace interop (issue #15): transformers teachers, the index convention, student init, the
-``--format hf`` export and its refusals, distillation from a tiny WavLM folder through fairseq-hydra-train.
+``--format hf`` export and its refusals, distillation from a tiny folder of each of the four architectures through fairseq-hydra-train.
 
 Every transformers model here is a tiny random one made by transformers' own config classes and
 written by ``save_pretrained`` into a temporary folder; nothing is downloaded.
@@ -24,7 +24,7 @@ from fairseq_kd.encoders.hf import (
 )
 from fairseq_kd.teacher import FrozenTeacher, HFTeacher, TeacherError
 
-from conftest import CPU, REPO, console_script, run
+from conftest import CPU, REPO, console_script, run, waves
 from fairseq_checkpoints import make_hubert_checkpoint
 
 transformers = require_transformers()  # the "test" extra installs it
@@ -54,17 +54,6 @@ def hf_folder(path: Path, kind: str, *, stable: bool = False, norm: str = "group
     model_cls(config_cls(**arch)).save_pretrained(path)
     transformers.Wav2Vec2FeatureExtractor(do_normalize=normalize, sampling_rate=ONE_SECOND).save_pretrained(path)
     return path
-
-
-def waves(*lengths, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    rows = [torch.randn(n, generator=gen) for n in lengths]
-    source = torch.zeros(len(rows), max(lengths))
-    mask = torch.ones(len(rows), max(lengths), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        source[i, : len(row)] = row
-        mask[i, : len(row)] = False
-    return source, mask, rows
 
 
 FOLDERS = {  # name -> (kind, kwargs)
@@ -291,14 +280,18 @@ def test_pre_ln_layer_norm_cnn_student_exports(tmp_path):
 
 # -- 6. distillation from each tiny folder through fairseq-hydra-train, then the export -----------------
 NO_INIT = ["model.init_teacher_cnn=false", "model.init_teacher_pos_conv=false", "model.init_teacher_layers=0"]
-# folder -> extra overrides. Two runs, to keep the suite's time: WavLM with the distilhubert init
-# (CNN, pos conv, 2 layers) and data2vec-audio (layer-norm CNN, positional conv stack, normalize=true);
-# the HuBERT and wav2vec 2.0 folders go through the same task code and are checked in-process above
+# folder -> extra overrides: one 2-update run per architecture, all four started together. HuBERT
+# and WavLM with the distilhubert init (CNN, pos conv, 2 layers); the pre-LN wav2vec 2.0 (layer-norm
+# CNN, which the group-norm student cannot copy) and data2vec-audio (positional conv stack,
+# normalize=true) without it
 RUNS = {
+    "hubert": [],
     "wavlm": [],
+    "wav2vec2_preln": [*NO_INIT],
     "data2vec": [*NO_INIT, "task.normalize=true"],
 }
-KINDS = {"wavlm": "WavLMModel", "data2vec": "Data2VecAudioModel"}
+KINDS = {"hubert": "HubertModel", "wavlm": "WavLMModel", "wav2vec2_preln": "Wav2Vec2Model",
+         "data2vec": "Data2VecAudioModel"}
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import waves
 from fairseq import checkpoint_utils
 from fairseq_checkpoints import (
     MISSING_DATA_DIR,
@@ -49,18 +50,6 @@ def fairseq_model(path: Path) -> nn.Module:
     """The checkpoint loaded plainly by fairseq, with no teacher settings."""
     models, _, _ = checkpoint_utils.load_model_ensemble_and_task([str(path)])
     return models[0].eval()
-
-
-def waves(*lengths: int, seed: int = 0):
-    """Right-padded batch of random waveforms and its (B, S) padding mask."""
-    gen = torch.Generator().manual_seed(seed)
-    rows = [torch.randn(n, generator=gen) for n in lengths]
-    source = torch.zeros(len(rows), max(lengths))
-    mask = torch.ones(len(rows), max(lengths), dtype=torch.bool)
-    for i, row in enumerate(rows):
-        source[i, : len(row)] = row
-        mask[i, : len(row)] = False
-    return source, mask, rows
 
 
 # -- architecture comes from the file -------------------------------------------------------------
