@@ -1,5 +1,6 @@
 """HuggingFace interop (issue #15): transformers teachers, the index convention, student init, the
-``--format hf`` export and its refusals, distillation from a tiny folder of each of the four architectures through fairseq-hydra-train.
+``--format hf`` export and its refusals, distillation from a tiny folder of each of the four
+architectures through fairseq-hydra-train.
 
 Every transformers model here is a tiny random one made by transformers' own config classes and
 written by ``save_pretrained`` into a temporary folder; nothing is downloaded.
