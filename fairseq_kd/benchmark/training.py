@@ -90,7 +90,8 @@ def part_fns(dist: Distillation) -> Dict[str, Callable[[], Any]]:
         model.train()
         model.zero_grad(set_to_none=True)
         out = model(source=net_input["source"].to(dtype), padding_mask=net_input["padding_mask"])
-        outputs = list(out["hints"].values()) + list(out["preds"].values())
+        # the distillation heads' outputs; a headless student (STaRHuBERT's Gram losses) its layers
+        outputs = list(out["hints"].values()) + list(out["preds"].values()) or out["hidden_states"][1:]
         torch.stack([o.float().mean() for o in outputs]).sum().backward()
 
     def optimizer_step():
