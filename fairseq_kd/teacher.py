@@ -197,19 +197,33 @@ class FrozenTeacher:
         cfg: Any = None,
         layer0: str = "projection",
     ):
+        self._setup(model, kind=kind, normalize=normalize, path=path, cfg=cfg, dtype=dtype, layer0=layer0,
+                    num_layers=len(model.encoder.layers), embed_dim=int(model.encoder.embedding_dim),
+                    conv_layers=conv_specs(model))
+
+    def _setup(self, model: nn.Module, *, kind: str, normalize: bool, path: str, cfg: Any, dtype: torch.dtype,
+               layer0: str, num_layers: int, embed_dim: int, conv_layers: List[Tuple[int, int, int]]) -> None:
+        """What every teacher holds, whichever library built its model; then frozen and cast."""
         self.layer0 = check_layer0(layer0)
         self.holder = _EvalOnlyHolder(model)
         self.kind = kind
         self.normalize = bool(normalize)
         self.path = path
         self.cfg = cfg
-        self.num_layers: int = len(model.encoder.layers)
-        self.embed_dim: int = int(model.encoder.embedding_dim)
-        self.conv_layers: List[Tuple[int, int, int]] = conv_specs(model)
+        self.num_layers = num_layers
+        self.embed_dim = embed_dim
+        self.conv_layers = list(conv_layers)
         self.dtype = dtype
         self.device = torch.device("cpu")
         self._freeze()
         self.holder.to(dtype=dtype)
+
+    def _log_loaded(self) -> None:
+        logger.info(
+            f"teacher {self.path}: {self.kind}, {self.num_layers} layers x {self.embed_dim}, "
+            f"{self.samples_per_frame} samples/frame, normalize={self.normalize}, {self.dtype}, "
+            f"layer 0 = {self.layer0}"
+        )
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -236,10 +250,7 @@ class FrozenTeacher:
             cfg=cfg,
             layer0=layer0,
         )
-        logger.info(
-            f"teacher {path}: {teacher.kind}, {teacher.num_layers} layers x {teacher.embed_dim}, "
-            f"{teacher.samples_per_frame} samples/frame, normalize={teacher.normalize}, {torch_dtype}"
-        )
+        teacher._log_loaded()
         return teacher.to(device)
 
     def _freeze(self) -> None:
@@ -378,21 +389,11 @@ class HFTeacher(FrozenTeacher):
     def __init__(self, encoder: Any, *, path: str, dtype: torch.dtype = torch.float32, layer0: str = "projection"):
         from omegaconf import OmegaConf
 
-        self.layer0 = check_layer0(layer0)
         self.encoder = encoder
-        self.holder = _EvalOnlyHolder(encoder.model)
-        self.kind = encoder.kind
-        self.normalize = encoder.folder.normalize
         self.normalize_source = encoder.folder.normalize_source
-        self.path = path
-        self.cfg = OmegaConf.create(encoder.fairseq_cfg())
-        self.num_layers = encoder.num_layers
-        self.embed_dim = encoder.embed_dim
-        self.conv_layers = list(encoder.conv_layers)
-        self.dtype = dtype
-        self.device = torch.device("cpu")
-        self._freeze()
-        self.holder.to(dtype=dtype)
+        self._setup(encoder.model, kind=encoder.kind, normalize=encoder.folder.normalize, path=path,
+                    cfg=OmegaConf.create(encoder.fairseq_cfg()), dtype=dtype, layer0=layer0,
+                    num_layers=encoder.num_layers, embed_dim=encoder.embed_dim, conv_layers=encoder.conv_layers)
 
     @classmethod
     def from_folder(cls, path: str, dtype: torch.dtype = torch.float32, device: Any = "cpu",
@@ -404,10 +405,7 @@ class HFTeacher(FrozenTeacher):
         except HFTeacherError as error:
             raise TeacherError(str(error)) from None
         teacher = cls(encoder, path=path, dtype=dtype, layer0=layer0)
-        logger.info(
-            f"teacher {path}: {teacher.kind}, {teacher.num_layers} layers x {teacher.embed_dim}, "
-            f"{teacher.samples_per_frame} samples/frame, normalize={teacher.normalize}, {dtype}, layer 0 = {layer0}"
-        )
+        teacher._log_loaded()
         return teacher.to(device)
 
     def _freeze(self) -> None:

@@ -171,10 +171,6 @@ class DistillHubertTask(AudioPretrainingTask):
                 f"normalize={teacher.normalize}{_source(teacher)}: set task.normalize={str(teacher.normalize).lower()} "
                 "so the student sees the audio the way the teacher did"
             )
-        logger.info(
-            f"teacher {path}: {teacher.kind}, {teacher.num_layers} layers x {teacher.embed_dim}, "
-            f"normalize={teacher.normalize}, dtype={self.cfg.teacher_dtype}"
-        )
         return teacher
 
     def build_model(self, model_cfg, from_checkpoint: bool = False):
