@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
-import soundfile as sf
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from fairseq_kd.criterions.kd_losses import align_to_teacher
-from fairseq_kd.data.manifest import ManifestRow, read_manifest
+from fairseq_kd.data.manifest import ManifestRow, read_manifest, read_waveform
 from fairseq_kd.teacher import FrozenTeacher
 
 
@@ -56,8 +55,7 @@ class AlignedPairs:
 
 
 def read_audio(root: Path, row: ManifestRow) -> Tensor:
-    wav, _ = sf.read(str(root / row.path), dtype="float32", always_2d=False)
-    return torch.from_numpy(wav).unsqueeze(0)
+    return read_waveform(root, row).unsqueeze(0)
 
 
 def normalized(source: Tensor, normalize: bool) -> Tensor:

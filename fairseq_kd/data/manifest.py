@@ -71,3 +71,15 @@ def read_labels(label_path: str | os.PathLike, expected: Sequence[ManifestRow]) 
             "label files must have exactly one line per manifest row, in the same order"
         )
     return labels
+
+
+def read_waveform(root: Path, row: ManifestRow, normalize: bool = False):
+    """A manifest row's audio as a (S,) float32 tensor; ``normalize``: layer-normalised over the
+    utterance, as fairseq's audio datasets do with ``task.normalize``."""
+    import soundfile as sf
+    import torch
+
+    wav, _ = sf.read(str(root / row.path), dtype="float32", always_2d=False)
+    wav = torch.from_numpy(wav)
+    return torch.nn.functional.layer_norm(wav, wav.shape) if normalize else wav
+

@@ -7,14 +7,12 @@ its teacher target, paired exactly as the training criterion pairs them (``build
 
 from typing import Any, Dict, Optional, Tuple
 
-import soundfile as sf
 import torch
-import torch.nn.functional as F
 from omegaconf import OmegaConf
 
 from fairseq_kd.criterions.kd_losses import align_to_teacher, cosine_similarity_per_frame
 from fairseq_kd.criterions.layer_distill import LayerDistillConfig, build_targets, student_output, teacher_target
-from fairseq_kd.data.manifest import read_manifest
+from fairseq_kd.data.manifest import read_manifest, read_waveform
 from fairseq_kd.encoders.pretrained import build_encoder, read_checkpoint
 from fairseq_kd.teacher import FrozenTeacher
 
@@ -52,10 +50,7 @@ def similarity_to_teacher(
     sums = {t.name: 0.0 for t in targets}
     frames = {t.name: 0 for t in targets}
     for row in rows[:max_utterances]:
-        wav, _ = sf.read(str(root / row.path), dtype="float32")
-        source = torch.from_numpy(wav).unsqueeze(0)
-        if cfg.task.normalize:
-            source = F.layer_norm(source, source.shape)
+        source = read_waveform(root, row, normalize=bool(cfg.task.normalize)).unsqueeze(0)
         student = model(source=source)
         teacher_states, teacher_mask = teacher.hidden_states(source, None)
         for target in targets:

@@ -102,16 +102,12 @@ def layer_fidelity(fp32_session, int8_session, batches: Sequence[Tuple[torch.Ten
 def manifest_batches(manifest_dir: str, split: str = "valid", count: int = 8, normalize: bool = False,
                      batch_size: int = 4) -> List[Tuple[torch.Tensor, torch.Tensor]]:
     """Right-padded batches of the first ``count`` utterances of a fairseq manifest (real audio)."""
-    import soundfile as sf
-
-    from fairseq_kd.data.manifest import read_manifest
+    from fairseq_kd.data.manifest import read_manifest, read_waveform
 
     root, rows = read_manifest(os.path.join(manifest_dir, f"{split}.tsv"))
     wavs = []
     for row in rows[:count]:
-        wav, _ = sf.read(str(root / row.path), dtype="float32")
-        wav = torch.from_numpy(wav)
-        wavs.append(torch.nn.functional.layer_norm(wav, wav.shape) if normalize else wav)
+        wavs.append(read_waveform(root, row, normalize))
     batches = []
     for start in range(0, len(wavs), batch_size):
         group = wavs[start:start + batch_size]
