@@ -28,6 +28,7 @@ from typing import Dict, List, Sequence, Tuple
 import numpy as np
 import torch
 
+from fairseq_kd.criterions.kd_losses import cosine_similarity_per_frame
 from fairseq_kd.export.onnx_export import _require, run_onnx
 from fairseq_kd.s3prl_upstream.runtime import META_NAME
 
@@ -81,7 +82,7 @@ def frame_cosines(reference: np.ndarray, other: np.ndarray, frame_lengths: np.nd
     a = torch.from_numpy(reference).double()
     b = torch.from_numpy(other).double()
     valid = torch.arange(a.size(2)).unsqueeze(0) < torch.from_numpy(frame_lengths).unsqueeze(1)  # (B, T)
-    cos = torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-8)  # (L + 1, B, T)
+    cos = cosine_similarity_per_frame(a, b)  # (L + 1, B, T), the losses' own cosine
     sums = (cos * valid).sum((1, 2)).numpy()
     return sums, np.full(a.size(0), float(valid.sum()))
 
