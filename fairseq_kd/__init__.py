@@ -5,6 +5,16 @@ Importing the package registers its task, models and criterions with fairseq, so
 that is already imported).
 """
 
-from fairseq_kd import criterions, models, tasks  # noqa: F401  (registration side effects)
+import os as _os
+import sys as _sys
+
+if _os.path.basename(_sys.argv[0] if _sys.argv else "").startswith("fairseq-kd-"):
+    # our console scripts: fairseq logs at INFO while it is imported (below), before any
+    # script can set its log level; --verbose / FAIRSEQ_KD_VERBOSE=1 keep those lines
+    from fairseq_kd.cli.logs import quiet_imports
+
+    quiet_imports()
+
+from fairseq_kd import criterions, models, tasks  # noqa: E402,F401  (registration side effects)
 
 __version__ = "0.1.0"

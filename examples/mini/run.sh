@@ -10,7 +10,8 @@
 #   6. results table (params with/without heads, MACs, CPU time vs the teacher, similarity to the
 #      teacher, WER/CER) and plots (training curves, per-layer similarity) -> runs/mini/results.md, *.png
 # Runs of one stage go side by side, one thread each (these models are too small for intra-op
-# threads to pay off). Finished steps are skipped on a re-run (delete the folder to start over).
+# threads to pay off). Finished steps (training, decoding, the report) are skipped on a re-run
+# (delete the folder to start over; FAIRSEQ_KD_VERBOSE=1: fairseq's INFO lines in the scripts too).
 #   bash examples/mini/run.sh            full run (runs/mini)
 #   bash examples/mini/run.sh --quick    every stage with fewer updates (runs/mini_quick)
 #   OUT=dir DATA=manifest_dir bash examples/mini/run.sh   other folders
@@ -86,18 +87,23 @@ side_by_side \
   "ft_distilhubert finetune_base_10h $FINETUNE model.w2v_path=$OUT/distilhubert/checkpoint_last.pt"
 
 step "5/6 decode the test split (fairseq infer.py, Viterbi) and score WER / CER"
+decoded() { [ -s "$OUT/decode_$1/hypo.word" ] && [ "$OUT/decode_$1/hypo.word" -nt "$OUT/ft_$1/checkpoint_best.pt" ]; }
 pids=()
 for model in teacher thin_deep distilhubert; do
+  if decoded "$model"; then echo "[decode_$model] done before: $OUT/decode_$model"; continue; fi
   OMP_NUM_THREADS=1 "$BIN/fairseq-kd-infer" --config-name decode_viterbi "task.data=$DATA" dataset.gen_subset=test \
     common.cpu=true "common_eval.path=$OUT/ft_$model/checkpoint_best.pt" \
     "decoding.results_path=$OUT/decode_$model" > "$OUT/decode_$model.log" 2>&1 & pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid" || { echo "decoding failed; see $OUT/decode_*.log"; exit 1; }; done
 for model in teacher thin_deep distilhubert; do
-  printf '%-14s' "$model"; "$BIN/fairseq-kd-score" "$OUT/decode_$model"
+  # stderr (fairseq's import-time INFO lines, warnings) goes to the log, not into the table
+  printf '%-14s' "$model"; "$BIN/fairseq-kd-score" "$OUT/decode_$model" 2>>"$OUT/score.log" \
+    || { echo "scoring failed; the end of $OUT/score.log:"; tail -n 20 "$OUT/score.log"; exit 1; }
 done
 
 step "6/6 results: size, compute, CPU time vs the teacher, similarity, WER/CER; plots"
-"$BIN/fairseq-kd-report" "$OUT" --data "$DATA" --split test 2> "$OUT/report.log" \
+# the report rebuilds only when one of its inputs changed, and says which it did
+"$BIN/fairseq-kd-report" "$OUT" --data "$DATA" --split test 2>> "$OUT/report.log" \
   || { echo "the report failed; the end of $OUT/report.log:"; tail -n 20 "$OUT/report.log"; exit 1; }
 echo "total ${SECONDS}s; everything is under $OUT"

@@ -20,6 +20,7 @@ from fairseq_kd.analysis.analyze import run_analysis
 from fairseq_kd.analysis.cka import CKAError
 from fairseq_kd.analysis.probes import ProbeError
 from fairseq_kd.cli.errors import clean_errors, report
+from fairseq_kd.cli.logs import add_verbose_argument, configure
 from fairseq_kd.teacher import TeacherError
 
 
@@ -50,7 +51,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                         help="first N rows for the cosine to the teacher (default: --max-utterances)")
     parser.add_argument("--no-content-probe", action="store_true")
     parser.add_argument("--no-speaker-probe", action="store_true")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
+    configure(args.verbose)
     try:
         students = parse_students(args.student)
         if not students:

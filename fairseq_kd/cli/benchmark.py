@@ -21,6 +21,7 @@ import sys
 from typing import List, Optional
 
 from fairseq_kd.cli.errors import clean_errors, report
+from fairseq_kd.cli.logs import add_verbose_argument, configure
 
 QUICK = dict(batch=1, seconds=2.0, lengths=[1.0, 2.0], repeats=2, warmup=1)
 
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--out", default=None, help="write the figures as JSON here")
     p.add_argument("--force", action="store_true", help="overwrite an existing --out file")
+    add_verbose_argument(p)
     return p
 
 
@@ -88,6 +90,7 @@ def config_from_args(args: argparse.Namespace):
 @clean_errors
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
+    configure(args.verbose)
     from fairseq_kd.benchmark import BenchmarkError, format_report, quiet, run_benchmark
 
     quiet()

@@ -18,6 +18,7 @@ from typing import List, Optional
 from fairseq_kd.analysis.cka import CKAError
 from fairseq_kd.analysis.clustering import ClusterError, cluster_layers, hint_spec, lighthubert_spec, overrides
 from fairseq_kd.cli.errors import clean_errors, report
+from fairseq_kd.cli.logs import add_verbose_argument, configure
 from fairseq_kd.teacher import FrozenTeacher, TeacherError
 
 
@@ -32,7 +33,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--max-utterances", type=int, default=None)
     parser.add_argument("--lighthubert", action="store_true", help="mean of the teacher's last 8 layers instead")
     parser.add_argument("--out", help="folder for cka_teacher.png and clusters.json")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
+    configure(args.verbose)
     try:
         if args.student_layers < 1:
             raise ClusterError(f"--student-layers must be >= 1, got {args.student_layers}")

@@ -34,6 +34,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from fairseq_kd.cli.errors import clean_errors, report
+from fairseq_kd.cli.logs import add_verbose_argument, configure
 
 logger = logging.getLogger("fairseq_kd.eval_kws_sv")
 
@@ -55,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-seen-speakers", action="store_true",
         help="do not stop when the split's speakers were training speakers (identification-style protocols)",
     )
+    add_verbose_argument(parser)
     return parser
 
 
@@ -135,6 +137,7 @@ def write_results(results: Dict[str, Any], out_dir: str, stem: str) -> List[str]
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO, stream=sys.stdout)
     args = build_parser().parse_args(argv)
+    configure(args.verbose, keep=(logger.name,))  # its progress lines stay
     outputs = [
         os.path.join(args.results_path or os.path.dirname(os.path.abspath(c)),
                      f"{os.path.splitext(os.path.basename(c))[0]}.{args.split}")

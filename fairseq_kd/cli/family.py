@@ -26,6 +26,7 @@ from fairseq_kd.analysis.family import (
     solve_family, student_fields,
 )
 from fairseq_kd.cli.errors import clean_errors, report as report_error
+from fairseq_kd.cli.logs import add_verbose_argument, configure
 from fairseq_kd.presets import PresetError, model_fields, model_preset
 
 BASE_PRESET = "deep_12l_half_l2l"  # dropouts, CNN initialisation etc. of the Deep-versus-Wide students
@@ -64,7 +65,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE,
                         help="largest relative distance to the budget (default 0.05)")
     parser.add_argument("--out", help="folder for the configs (--config-dir of fairseq-hydra-train)")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
+    configure(args.verbose)
     from fairseq_kd.models.thin_hubert import ThinHubertModel
 
     try:

@@ -16,6 +16,7 @@ from typing import Sequence
 from fairseq_kd.prep.lexicon import lexicon_lines, read_words, write_lexicon
 from fairseq_kd.prep.prepare_asr import PrepareError, check_conflicts, read_dictionary_symbols
 from fairseq_kd.cli.errors import clean_errors, report
+from fairseq_kd.cli.logs import add_verbose_argument, configure
 
 logger = logging.getLogger(__name__)
 
@@ -43,12 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="leave out (and count) words with units missing from --dict instead of stopping",
     )
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    add_verbose_argument(parser)
     return parser
 
 
 @clean_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    configure(args.verbose, keep=(logger.name,))  # its progress lines stay
     logging.basicConfig(
         format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO
     )

@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 
 from fairseq_kd.prep.mfcc_kmeans import HOP_BY_LABEL_RATE, KMEANS_DEFAULTS, make_labels
 from fairseq_kd.cli.errors import clean_errors, report
+from fairseq_kd.cli.logs import add_verbose_argument, configure
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ def get_parser() -> argparse.ArgumentParser:
     km.add_argument("--n-init", type=int, default=KMEANS_DEFAULTS["n_init"])
     km.add_argument("--reassignment-ratio", type=float,
                     default=KMEANS_DEFAULTS["reassignment_ratio"])
+    add_verbose_argument(parser)
     return parser
 
 
@@ -72,6 +74,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     """Parse ``argv`` and write the labels; errors the user can fix are raised (see ``cli_main``)."""
     parser = get_parser()
     args = parser.parse_args(argv)
+    configure(args.verbose, keep=("fairseq_kd.prep.mfcc_kmeans",))  # its progress lines stay
     if args.kmeans is None and args.n_clusters is None:
         parser.error("--n-clusters is required unless --kmeans is given")
     if args.n_clusters is not None and args.n_clusters < 2:

@@ -21,6 +21,7 @@ from fairseq_kd.prep.mini_corpus import (
     looks_replaceable,
 )
 from fairseq_kd.cli.errors import clean_errors
+from fairseq_kd.cli.logs import add_verbose_argument, configure
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -89,12 +90,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=MAX_CORPUS_BYTES,
         help="fail if the corpus is larger than this (default %(default)s)",
     )
+    add_verbose_argument(parser)
     return parser.parse_args(argv)
 
 
 @clean_errors
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    configure(args.verbose)
     check_espeak(args.espeak)  # fail before doing anything else
     out: Path = args.out.resolve()
     if not looks_replaceable(out):

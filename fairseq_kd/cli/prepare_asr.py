@@ -28,6 +28,7 @@ from fairseq_kd.prep.prepare_asr import (
     prepare_from_manifest,
 )
 from fairseq_kd.cli.errors import clean_errors, report
+from fairseq_kd.cli.logs import add_verbose_argument, configure
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -121,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=min(8, os.cpu_count() or 1),
         help="parallel audio workers (default %(default)s)",
     )
+    add_verbose_argument(parser)
     return parser
 
 
@@ -165,6 +167,7 @@ def default_name(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure(args.verbose, keep=("fairseq_kd.prep.prepare_asr", __name__))  # its progress lines stay
     check_args(parser, args)
     logging.basicConfig(
         format="%(asctime)s | %(levelname)s | %(name)s | %(message)s", level=logging.INFO

@@ -29,6 +29,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import editdistance
 
 from fairseq_kd.cli.errors import clean_errors, report
+from fairseq_kd.cli.logs import add_verbose_argument, configure
 
 LINE = re.compile(r"^(?P<text>.*?)\s*\((?P<speaker>[^()\s]*)-(?P<id>\d+)\)\s*$")
 
@@ -110,7 +111,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     )
     parser.add_argument("results_dir", help="decoding.results_path of a fairseq-kd-infer run")
     parser.add_argument("--json", action="store_true", help="print the scores as one json line")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
+    configure(args.verbose)
     try:
         scores = score(args.results_dir)
     except ScoreError as error:

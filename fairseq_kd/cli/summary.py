@@ -17,6 +17,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from fairseq_kd.presets import PresetError, model_fields
 from fairseq_kd.cli.errors import clean_errors, report
+from fairseq_kd.cli.logs import add_verbose_argument, configure
 
 
 def format_summary(name: str, summary: Dict[str, Any]) -> str:
@@ -35,7 +36,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="fairseq-kd-summary", description=__doc__.split("\n\n")[0])
     parser.add_argument("target", help="preset name, yaml config or .pt checkpoint")
     parser.add_argument("overrides", nargs="*", help="model.KEY=VALUE overrides")
+    add_verbose_argument(parser)
     args = parser.parse_args(argv)
+    configure(args.verbose)
     from fairseq_kd.models.thin_hubert import ThinHubertModel
 
     try:

@@ -4,9 +4,11 @@
 # LICENSE file in the root directory of this source tree.
 """``kws_sv``: the weighted sum of a keyword cross-entropy and a speaker additive-margin softmax.
 
-``loss = kws_weight * CE(keyword logits) + sv_weight * margin-softmax(speaker cosines)``, both
-summed over the utterances that carry the label (``-`` labels and, on verification splits, the
-speakers unseen in training are left out), divided by the number of utterances (``sample_size``).
+``loss = kws_weight * CE(keyword logits) + sv_weight * margin-softmax(speaker cosines)``, each
+averaged over the utterances of the batch that carry its label (``-`` labels and, on verification
+splits, the speakers unseen in training are left out): a batch of one corpus without speaker
+labels (task.data naming several corpora) gives a zero speaker loss, never a NaN. The batch is
+the unit fairseq averages over (``sample_size`` 1).
 
 Speaker loss (``sv_loss``) on the cosine ``cos(theta)`` between an embedding and each training
 speaker's centre, with scale ``s`` and margin ``m`` on the true speaker only:
@@ -88,6 +90,22 @@ def labelled(target: torch.Tensor) -> torch.Tensor:
     return target >= 0
 
 
+def check_corpus_weights(task, kws_weight: float, sv_weight: float) -> None:
+    """A corpus drawn with ratio 0 (``task.corpus_ratios``) whose labels feed a weighted loss would
+    silently leave that loss without data."""
+    ratios = getattr(task.cfg, "corpus_ratios", None)
+    if ratios is None or not getattr(task, "multi", False):
+        return
+    for root, ratio in zip(task.roots, ratios):
+        kws, sv = task.corpus_labels(root)
+        for name, weight, has in (("kws_weight", kws_weight, kws), ("sv_weight", sv_weight, sv)):
+            if has and ratio == 0 and weight > 0:
+                raise KwsSvCriterionError(
+                    f"task.corpus_ratios gives corpus {root} (task.data) ratio 0 but its labels feed "
+                    f"criterion.{name}={weight}: give it a ratio > 0, or remove it from task.data"
+                )
+
+
 # -- the criterion -----------------------------------------------------------------------------------
 @register_criterion("kws_sv", dataclass=KwsSvCriterionConfig)
 class KwsSvCriterion(FairseqCriterion):
@@ -102,6 +120,7 @@ class KwsSvCriterion(FairseqCriterion):
                     f"criterion.{name}=0 would leave a head untrained; to train one task alone, switch the "
                     f"other off in the task ({other}), which also drops its head and labels"
                 )
+        check_corpus_weights(task, kws_weight, sv_weight)
         self.kws_weight = kws_weight
         self.sv_weight = sv_weight
         self.sv_loss = str(sv_loss)
@@ -122,7 +141,7 @@ class KwsSvCriterion(FairseqCriterion):
         source = sample["net_input"]["source"]
         samples = int((~padding_mask).sum()) if padding_mask is not None else source.numel()
         # ntokens = audio samples, so fairseq's wps reads as samples per second
-        log: Dict[str, Any] = {"nsentences": batch_size, "sample_size": batch_size, "ntokens": samples}
+        log: Dict[str, Any] = {"nsentences": batch_size, "sample_size": 1, "ntokens": samples}
 
         logits = net_output.get("kws_logits")
         if logits is not None:
@@ -131,7 +150,7 @@ class KwsSvCriterion(FairseqCriterion):
             kws_loss = F.cross_entropy(
                 logits[keep].float(), target[keep], reduction="sum", label_smoothing=self.label_smoothing
             ) if keep.any() else logits.sum() * 0.0
-            loss = loss + self.kws_weight * kws_loss
+            loss = loss + self.kws_weight * kws_loss / max(int(keep.sum()), 1)
             log["kws_loss"] = kws_loss.item()
             log["kws_correct"] = int((logits[keep].argmax(-1) == target[keep]).sum())
             log["kws_count"] = int(keep.sum())
@@ -147,12 +166,12 @@ class KwsSvCriterion(FairseqCriterion):
             else:  # verification splits: speakers unseen in training have no class
                 sv_loss = embedding.sum() * 0.0
                 log["spk_correct"] = 0
-            loss = loss + self.sv_weight * sv_loss
+            loss = loss + self.sv_weight * sv_loss / max(int(keep.sum()), 1)
             log["sv_loss"] = sv_loss.item()
             log["spk_count"] = int(keep.sum())
 
         log["loss"] = float(loss.item()) if torch.is_tensor(loss) else 0.0
-        return loss, batch_size, log
+        return loss, 1, log
 
     @staticmethod
     def reduce_metrics(logging_outputs) -> None:

@@ -1,0 +1,178 @@
+"""``kws_sv`` over two corpora (``task.data=A,B``): a keyword-only and a speaker-only view of the
+bundled keyword subset with disjoint rows; per-corpus loss masking, per-group learning rates,
+bad-input errors and one short hydra training run that validates both tasks."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import CPU, compose_preset, console_script, json_logs
+from fairseq_checkpoints import make_hubert_checkpoint
+from test_kws_sv import KEYWORDS, SMALL_HEADS, TINY_CONV, build
+
+# rows of each split in the keyword-only view; the speaker-only view gets the rest
+KW_ROWS = {"train": range(0, 240), "valid": range(0, 30), "test": range(0, 40)}
+
+
+def _lines(path: Path) -> List[str]:
+    return path.read_text().splitlines()
+
+
+def write_view(dest: Path, kind: str, edits: Dict[str, List[str]] = None) -> Path:
+    """A keyword-only (``kw``) or speaker-only (``spk``) view of the bundled subset, disjoint rows."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for split, kw_rows in KW_ROWS.items():
+        tsv = _lines(KEYWORDS / f"{split}.tsv")
+        rows = [i for i in range(len(tsv) - 1) if (i in kw_rows) == (kind == "kw")]
+        root = str((KEYWORDS / tsv[0]).resolve())
+        files = {"tsv": [root] + [tsv[i + 1] for i in rows]}
+        if kind == "kw":
+            files["kw"] = [_lines(KEYWORDS / f"{split}.kw")[i] for i in rows]  # no .spk file at all
+        else:
+            files["spk"] = [_lines(KEYWORDS / f"{split}.spk")[i] for i in rows]
+            files["kw"] = ["-"] * len(rows)  # a label file of '-' only: no keyword labels
+        for ext, lines in files.items():
+            (dest / f"{split}.{ext}").write_text("".join(f"{line}\n" for line in lines))
+    if kind == "kw":
+        (dest / "dict.kw.txt").write_text((KEYWORDS / "dict.kw.txt").read_text())
+    else:
+        kept = {line.split("\t")[0] for line in _lines(dest / "test.tsv")[1:]}
+        trials = [t for t in _lines(KEYWORDS / "trials.txt") if all(p in kept for p in t.split()[1:])]
+        (dest / "trials.txt").write_text("".join(f"{t}\n" for t in trials))
+    for name, lines in (edits or {}).items():
+        (dest / name).write_text("".join(f"{line}\n" for line in lines))
+    return dest
+
+
+@pytest.fixture(scope="module")
+def views(tmp_path_factory) -> Dict[str, Path]:
+    root = tmp_path_factory.mktemp("views")
+    return {"kw": write_view(root / "kw", "kw"), "spk": write_view(root / "spk", "spk")}
+
+
+@pytest.fixture(scope="module")
+def encoder_ckpt(tmp_path_factory) -> Path:
+    return make_hubert_checkpoint(tmp_path_factory.mktemp("encoder") / "hubert.pt", conv_layers=TINY_CONV)
+
+
+@pytest.fixture(scope="module")
+def base_cfg(views):
+    return compose_preset("kws_sv_joint", [*CPU, f"task.data='{views['kw']},{views['spk']}'", *SMALL_HEADS])
+
+
+def _data(views) -> str:
+    return f"{views['kw']},{views['spk']}"
+
+
+def test_each_loss_is_averaged_over_its_own_rows(base_cfg, encoder_ckpt, views):
+    from fairseq.data.multi_corpus_dataset import MultiCorpusDataset
+
+    from fairseq_kd.criterions.kws_sv import margin_softmax_loss
+
+    task, model, criterion = build(base_cfg, {"model.w2v_path": str(encoder_ckpt)}, splits=("train", "valid"))
+    model.eval()  # no dropout: the hand computation sees the same outputs
+    train = task.dataset("train")
+    assert isinstance(train, MultiCorpusDataset) and train.batch_sample
+    kw_part, spk_part = train.datasets[str(views["kw"])], train.datasets[str(views["spk"])]
+    assert (kw_part.speakers == -1).all() and (spk_part.keywords == -1).all()
+
+    batch = kw_part.collater([kw_part[i] for i in range(0, 240, 60)])
+    loss, sample_size, log = criterion(model, batch)
+    out = model(**batch["net_input"])
+    expected = F.cross_entropy(out["kws_logits"], batch["target_kw"], reduction="mean")
+    assert sample_size == 1 and torch.isfinite(loss)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert log["sv_loss"] == 0.0 and log["spk_count"] == 0 and log["kws_count"] == 4
+
+    batch = spk_part.collater([spk_part[i] for i in range(0, 240, 80)])
+    loss, _, log = criterion(model, batch)
+    out = model(**batch["net_input"])
+    cosine = model.speaker_cosine(out["sv_embedding"])
+    expected = margin_softmax_loss(cosine, batch["target_spk"], 0.2, 30.0, "am_softmax", reduction="mean")
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert log["kws_loss"] == 0.0 and log["kws_count"] == 0 and log["spk_count"] == 3
+    loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+    # validation batches never mix corpora; the trials are the speaker corpus' own
+    valid = task.dataset("valid")
+    for batch_ids in valid.batch_by_size(valid.ordered_indices(), max_tokens=10**9):
+        assert len({valid.corpus_of(i) for i in batch_ids}) == 1
+    assert task.trials["valid"] and all(t.a.startswith("1:") for t in task.trials["valid"])
+
+
+def test_encoder_and_heads_get_their_own_learning_rates(base_cfg, encoder_ckpt):
+    from omegaconf import OmegaConf
+
+    from fairseq.optim import build_optimizer
+
+    task, model, _ = build(base_cfg, {"model.w2v_path": str(encoder_ckpt)}, splits=())
+    # fairseq's composite optimizer: one optimizer and schedule per model parameter's ``param_group``
+    group = {"optimizer": {"_name": "adam", "adam_betas": "(0.9,0.98)", "adam_eps": 1e-8, "weight_decay": 0.0},
+             "lr_scheduler": {"_name": "fixed", "warmup_updates": 0}}
+    cfg = OmegaConf.create({"common": {"tpu": False}, "optimization": {"lr": [1e-4], "max_update": 10},
+                            "optimizer": {"_name": "composite", "groups": {"encoder": {**group, "lr_float": 1e-5},
+                                                                           "heads": {**group, "lr_float": 1e-3}}}})
+    optimizer = build_optimizer(cfg.optimizer, [p for p in model.parameters() if p.requires_grad])
+    lrs = {name: opt.optimizer.param_groups[0]["lr"] for name, opt in optimizer.optimizers.items()}
+    assert lrs == {"encoder": 1e-5, "heads": 1e-3}
+    heads = {id(p) for p in optimizer.optimizers["heads"].optimizer.param_groups[0]["params"]}
+    assert id(model.speaker_weight) in heads and id(model.kws_head.out.weight) in heads
+
+
+def test_corpus_without_labels_is_refused(base_cfg, encoder_ckpt, views, tmp_path):
+    from fairseq_kd.data.kws_sv import KwsSvDataError
+
+    bare = write_view(tmp_path / "bare", "spk")
+    (bare / "train.spk").write_text("-\n" * len(_lines(bare / "train.spk")))
+    with pytest.raises(KwsSvDataError, match=r"corpus .*bare .*train\.kw / .*train\.spk missing or all '-'"):
+        build(base_cfg, {"model.w2v_path": str(encoder_ckpt), "task.data": f"{views['kw']},{bare}"}, splits=("train",))
+
+
+def test_zero_ratio_for_a_weighted_corpus_is_refused(base_cfg, encoder_ckpt, views):
+    from fairseq_kd.criterions.kws_sv import KwsSvCriterionError
+
+    with pytest.raises(KwsSvCriterionError, match=r"corpus .*spk \(task.data\) ratio 0 .*criterion\.sv_weight=1\.0"):
+        build(base_cfg, {"model.w2v_path": str(encoder_ckpt), "task.corpus_ratios": [1.0, 0.0]}, splits=())
+
+
+def test_trial_speakers_seen_in_the_corpus_training_split_are_refused(base_cfg, encoder_ckpt, views, tmp_path):
+    from fairseq_kd.data.kws_sv import KwsSvDataError
+
+    spk = write_view(tmp_path / "spk", "spk")
+    train_speaker = _lines(spk / "train.spk")[0]
+    test = _lines(spk / "test.spk")
+    (spk / "test.spk").write_text("".join(f"{train_speaker if s == test[0] else s}\n" for s in test))
+    (spk / "trials.txt").write_text("".join(
+        f"{line}\n" for line in _lines(spk / "trials.txt")))
+    with pytest.raises(KwsSvDataError, match=rf"of the trial list .*'{train_speaker}' \(test\.spk:1, train\.spk:1\)"):
+        build(base_cfg, {"model.w2v_path": str(encoder_ckpt), "task.data": f"{views['kw']},{spk}"}, splits=())
+
+
+def test_two_corpus_training_validates_both_tasks(views, encoder_ckpt, tmp_path):
+    updates = 4
+    cmd = [console_script("fairseq-hydra-train"), "--config-name", "kws_sv_joint", *CPU,
+           f"task.data='{_data(views)}'", "task.corpus_ratios=[1.0,1.0]", *SMALL_HEADS,
+           f"model.w2v_path={encoder_ckpt}", f"optimization.max_update={updates}", "dataset.max_tokens=64000",
+           "common.log_format=json", "common.log_interval=1", f"dataset.validate_interval_updates={updates}",
+           "dataset.validate_interval=1000", "checkpoint.save_interval=1000",
+           f"checkpoint.save_interval_updates={updates}", f"checkpoint.save_dir={tmp_path}", f"hydra.run.dir={tmp_path}"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    train = json_logs(output)
+    assert train and all(torch.isfinite(torch.tensor(float(log["loss"]))) for log in train)
+    valid = json_logs(output, "valid")
+    assert valid, output[-3000:]
+    last = valid[-1]
+    assert "valid_kws_accuracy" in last and "valid_eer" in last, last
+    assert (tmp_path / "checkpoint_last.pt").is_file()
+
