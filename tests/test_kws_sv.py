@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -362,6 +363,44 @@ def test_prepare_speech_commands_12_class(tmp_path):
     assert check_layout(str(dest)) == {"train": len(rows) - 1, "valid": 24, "test": 48}
     # outputs are never replaced silently
     assert main(["speech-commands", "--root", str(root), "--dest", str(dest)]) == 2  # the project's errors: exit code 2
+
+
+def fake_official_test_set(folder: Path, speaker: str = "00000005") -> Path:
+    """The official 12-class test set's layout: a folder per class, clips provided."""
+    for k, word in enumerate(("yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go")):
+        _wav(folder / word / f"{speaker}_nohash_0.wav", 16000, 900 + k)
+    _wav(folder / "_unknown_" / f"bed_{speaker}_nohash_1.wav", 16000, 950)
+    _wav(folder / "_unknown_" / "cat_0000000a_nohash_0.wav", 16000, 951)
+    _wav(folder / "_silence_" / "silence_0.wav", 16000, 952)
+    return folder
+
+
+def test_prepare_speech_commands_official_test_set(tmp_path, capsys):
+    from fairseq_kd.data.kws_sv import check_layout
+    from fairseq_kd.cli.prepare_kws_sv import main
+
+    root = fake_speech_commands(tmp_path / "sc")
+    official = fake_official_test_set(tmp_path / "speech_commands_test_set_v0.02")
+    dest = tmp_path / "sc12"
+    # found next to --root without the option
+    assert main(["speech-commands", "--root", str(root), "--dest", str(dest)]) == 0
+    test_kw, test_spk = _lines(dest / "test.kw"), _lines(dest / "test.spk")
+    assert sorted(test_kw) == sorted(["yes", "no", "up", "down", "left", "right", "on", "off", "stop", "go",
+                                      "_unknown_", "_unknown_", "_silence_"])
+    assert set(test_spk) == {"00000005", "0000000a", "-"}
+    rows = _lines(dest / "test.tsv")
+    assert all(os.path.isfile(os.path.join(rows[0], r.split("\t")[0])) for r in rows[1:])
+    assert all("speech_commands_test_set_v0.02" in r for r in rows[1:])  # not testing_list.txt's clips
+    assert check_layout(str(dest))["test"] == 13
+    # the train split is unchanged by the option (testing_list.txt's clips stay out of it)
+    assert _lines(dest / "train.kw").count("yes") == 6
+    # a class folder missing: named, nothing written
+    shutil.rmtree(official / "_silence_")
+    assert main(["speech-commands", "--root", str(root), "--dest", str(tmp_path / "x"), "--test-set", str(official)]) == 2
+    assert "_silence_" in capsys.readouterr().err and not (tmp_path / "x").exists()
+    assert main(["speech-commands", "--root", str(root), "--dest", str(tmp_path / "y"), "--protocol", "all",
+                 "--test-set", str(official)]) == 2
+    assert "--protocol 12" in capsys.readouterr().err
 
 
 def test_prepare_speech_commands_all_words_and_protocol_errors(tmp_path, capsys):

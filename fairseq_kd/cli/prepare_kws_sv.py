@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="12: 10 keywords + _unknown_ + _silence_; 35: every word of v2; all: every word")
     sc.add_argument("--unknown-percentage", type=float, default=10.0, help="12-class: _unknown_ clips per keyword clip (%%)")
     sc.add_argument("--silence-percentage", type=float, default=10.0, help="12-class: _silence_ clips per keyword clip (%%)")
+    sc.add_argument("--test-set", default=None, metavar="DIR",
+                    help="12-class: the extracted official test set (speech_commands_test_set_v0.0X) as the "
+                    "test split (default: the only such folder inside or next to --root, if any)")
     sc.add_argument("--trials-per-utterance", type=int, default=4, help="verification trials per test utterance")
     sc.add_argument("--seed", type=int, default=TF_SEED)
     sc.add_argument("--jobs", type=int, default=8, help="threads reading audio headers")

@@ -21,6 +21,15 @@ speaker, so the splits are speaker-disjoint). Protocols:
   (first 80 % train, next 10 % valid, last 10 % test). Their speaker label is ``-``.
 * ``35`` (v2) or ``all``: every word is a class (v1: 30), no unknown, no silence.
 
+``--test-set DIR``: the official 12-class test set (``speech_commands_test_set_v0.0X.tar.gz``
+extracted: one folder per class, ``_unknown_`` and ``_silence_`` included, clips provided) replaces
+the test split drawn from ``testing_list.txt``, as the 12-class results in the literature report on
+it. Without the option, a ``speech_commands_test_set_v0.0*`` folder inside ``--root`` or next to it
+is used when there is exactly one (logged). An ``_unknown_`` clip named ``<word>_<speaker>_nohash_<n>``
+keeps its speaker; ``_silence_`` clips have none (``-``). [Inferred: the file naming inside the
+archive is read from the released v0.02 layout as documented by TensorFlow's recipe, not verified
+against every release.]
+
 The speaker is the id before ``_nohash_``; ``trials.txt`` pairs test utterances of speakers
 (``--trials-per-utterance``, half same-speaker where the speaker has another clip).
 
@@ -159,6 +168,49 @@ def make_trials(rows: Sequence[Row], per_utterance: int, seed: int) -> List[str]
 
 
 # -- Speech Commands ---------------------------------------------------------------------------------
+TEST_SET_GLOB = "speech_commands_test_set_v0.0*"
+
+
+def find_test_set(root: Path, given: Optional[str]) -> Optional[Path]:
+    """The official test-set folder: ``--test-set``, else the only one inside or next to ``root``."""
+    if given:
+        path = Path(given).resolve()
+        if not path.is_dir():
+            raise PrepareError(f"--test-set {path} is not a directory (the extracted {TEST_SET_GLOB}.tar.gz)")
+        return path
+    found = sorted({p.resolve() for p in [*root.glob(TEST_SET_GLOB), *root.parent.glob(TEST_SET_GLOB)] if p.is_dir()})
+    if len(found) > 1:
+        raise PrepareError(f"several official test sets next to {root}: {[str(p) for p in found]}; pick one with --test-set")
+    if found:
+        logger.info("test split: the official test set %s", found[0])
+    return found[0] if found else None
+
+
+def official_test_rows(test_set: Path, root: Path, keywords: Sequence[str], jobs: int) -> List[Row]:
+    """Rows of the official 12-class test set, paths relative to the manifest root ``root``."""
+    missing = [k for k in keywords if not (test_set / k).is_dir()]
+    if missing:
+        raise PrepareError(
+            f"{test_set} has no folder for the class(es) {', '.join(missing)}: the official 12-class test "
+            f"set has one folder per class ({', '.join(keywords)})"
+        )
+    clips = [(k, p) for k in keywords for p in sorted((test_set / k).glob("*.wav"))]
+    if not clips:
+        raise PrepareError(f"{test_set} has no <class>/*.wav clips")
+    sizes = headers([p for _, p in clips], jobs)
+    return [
+        Row(os.path.relpath(p, root), n, k, NO_LABEL if k == SILENCE else test_set_speaker(p.name))
+        for (k, p), n in zip(clips, sizes)
+    ]
+
+
+def test_set_speaker(name: str) -> str:
+    # keyword clips: <speaker>_nohash_<n>.wav; _unknown_ clips: <word>_<speaker>_nohash_<n>.wav
+    if "_nohash_" not in name:
+        return NO_LABEL
+    return name.split("_nohash_")[0].rsplit("_", 1)[-1]
+
+
 def read_list(path: Path, root: Path) -> List[str]:
     if not path.is_file():
         raise PrepareError(
@@ -236,6 +288,9 @@ def prepare_speech_commands(args: argparse.Namespace) -> None:
     if args.protocol == "12" and args.silence_percentage > 0 and not noise_files:
         raise PrepareError(f"{root / NOISE_DIR} has no .wav files: the _silence_ class is cut from them")
 
+    test_set = find_test_set(root, getattr(args, "test_set", None)) if args.protocol == "12" else None
+    if getattr(args, "test_set", None) and args.protocol != "12":
+        raise PrepareError(f"--test-set is the official 12-class test set: use it with --protocol 12, not {args.protocol}")
     split_of = {rel: "valid" for rel in read_list(root / "validation_list.txt", root)}
     split_of.update({rel: "test" for rel in read_list(root / "testing_list.txt", root)})
     clips = sorted(str(p.relative_to(root)) for w in words for p in (root / w).glob("*.wav"))
@@ -262,6 +317,9 @@ def prepare_speech_commands(args: argparse.Namespace) -> None:
         if not rows:
             raise PrepareError(f"the {split} split of {root} is empty (check validation_list.txt / testing_list.txt)")
         splits[split] = rows
+    if test_set is not None:  # its own _unknown_ and _silence_ clips: none drawn or cut here
+        splits["test"] = official_test_rows(test_set, root, keywords, args.jobs)
+        silence_count["test"] = 0
 
     silence_dir = dest.resolve() / SILENCE
     silence_files = [silence_dir / split / f"silence_{i:05d}.wav" for split, n in silence_count.items() for i in range(n)]
