@@ -431,4 +431,18 @@ class HFTeacher(FrozenTeacher):
         return self.encoder.fairseq_state_dict()
 
 
-__all__ = ["FrozenTeacher", "HFTeacher", "TeacherError", "check_layers"]
+def initialise_student(student: nn.Module, model_cfg: Any, teacher: FrozenTeacher) -> List[str]:
+    """Copy into a freshly built student what its config takes from the teacher
+    (``init_teacher_cnn``, ``init_teacher_pos_conv``, ``init_teacher_layers``): the starting point
+    of distillation (``distill_hubert``'s ``build_model``) and of the report's update-0 student.
+    Returns the names of the tensors copied."""
+    return student.init_from_teacher(
+        teacher.fairseq_state_dict(),
+        teacher.cfg.model,
+        init_cnn=model_cfg.init_teacher_cnn,
+        init_pos_conv=model_cfg.init_teacher_pos_conv,
+        init_layers=model_cfg.init_teacher_layers,
+    )
+
+
+__all__ = ["FrozenTeacher", "HFTeacher", "TeacherError", "check_layers", "initialise_student"]

@@ -74,21 +74,25 @@ def full_cfg(task_cfg, task_name, model_cfg, model_name, criterion_cfg, criterio
     return cfg
 
 
-def make_student_checkpoint(path: Path, normalize: bool, seed: int, **arch) -> Path:
-    """A distillation checkpoint (task distill_hubert, model thin_hubert with hint heads)."""
+def make_student_checkpoint(path: Path, normalize: bool, seed: int, criterion: Tuple[Any, str, str] = None,
+                            **arch) -> Path:
+    """A distillation checkpoint (task distill_hubert, model thin_hubert with hint heads);
+    ``criterion``: (config, registered name, class name), FitHuBERT's hints by default."""
     from fairseq import tasks
 
     from fairseq_kd.criterions.layer_distill import FitHubertHintConfig
     from fairseq_kd.models.thin_hubert import ThinHubertConfig
     from fairseq_kd.tasks.distill_hubert import DistillHubertConfig
 
+    criterion_cfg, criterion_name, criterion_class = criterion or (
+        FitHubertHintConfig(), "fithubert_hint", "FitHubertHintCriterion")
     task_cfg = DistillHubertConfig(data=MISSING_DATA_DIR, teacher_path="/checkpoint/teacher.pt", normalize=normalize)
-    cfg = full_cfg(task_cfg, "distill_hubert", ThinHubertConfig(**TINY, **arch), "thin_hubert",
-                   FitHubertHintConfig(), "fithubert_hint")
+    cfg = full_cfg(task_cfg, "distill_hubert", ThinHubertConfig(**{**TINY, **arch}), "thin_hubert",
+                   criterion_cfg, criterion_name)
     task = tasks.setup_task(cfg.task)
     torch.manual_seed(seed)
     model = task.build_model(cfg.model, from_checkpoint=True)  # the teacher is not needed here
-    return _save(_trainer_state(cfg, model, task, "FitHubertHintCriterion"), path)
+    return _save(_trainer_state(cfg, model, task, criterion_class), path)
 
 
 def make_ctc_checkpoint(path: Path, student: Path) -> Path:
@@ -221,7 +225,8 @@ def exported(tmp_path_factory) -> Dict[str, Any]:
 
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
-        code = main([str(ckpt["reduced"]), str(work / "reduced.pt2"), "--onnx", str(work / "reduced.onnx"),
+        # --outputs layers: FitHuBERT-shaped, its default; named here as a user would
+        code = main([str(ckpt["reduced"]), str(work / "reduced.pt2"), "--outputs", "layers", "--onnx", str(work / "reduced.onnx"),
                      "--int8", str(work / "reduced.int8.onnx"), "--int8-audio", str(MANIFESTS),
                      "--benchmark", "--seconds", "1", "--repeats", "2"])
     proc.wait(timeout=600)
@@ -539,3 +544,157 @@ def test_runtime_refuses_what_is_not_a_standalone_student(exported):
                                       "(the .pt2 file describes itself): drop -g / model_config")
     assert errors["two_dim_wav"] == "ValueError: wavs[1] must be a 1-D waveform tensor (samples,), got (2, 1600)"
     assert errors["unknown_feature"].startswith("ValueError: unknown feature 'PR'")
+
+
+# -- what each paper feeds SUPERB: ARMHuBERT's head outputs, STaRHuBERT's layers (--outputs) -----------
+# ARMHuBERT-shaped: attention reuse, a linear hint head on every layer learning the teacher layer of
+# the same depth, masking distillation; STaRHuBERT-shaped: no heads, temporal Gram losses
+HEAD_STUDENTS = {
+    "arm": dict(hint_layer_ids=[1, 2], hint_head_type="linear", reuse_pattern=[True, False], layer_grad_scale=True),
+    "star": dict(hint_layer_ids=[]),
+}
+
+
+@pytest.fixture(scope="module")
+def heads_exported(tmp_path_factory) -> Dict[str, Any]:
+    """Both exported by ``fairseq-kd-export`` with no --outputs (each student's default), ARM with ONNX."""
+    from fairseq_kd.cli.export import main
+    from fairseq_kd.criterions.layer_distill import MaskedHintConfig
+    from fairseq_kd.criterions.temporal_relation import TemporalGramConfig
+
+    work = tmp_path_factory.mktemp("heads")
+    criteria = {"arm": (MaskedHintConfig(), "masked_hint", "MaskedHintCriterion"),
+                "star": (TemporalGramConfig(gram_layers=[0, 1, 2], intra_layers=[1, 2]), "temporal_gram",
+                         "TemporalGramCriterion")}
+    ckpt = {name: make_student_checkpoint(work / f"{name}.pt", False, 10 + i, criteria[name], **arch)
+            for i, (name, arch) in enumerate(HEAD_STUDENTS.items())}
+    runs = {}
+    for name, extra in (("arm", ["--onnx", str(work / "arm.onnx"), "--check"]), ("star", [])):
+        stdout = io.StringIO()
+        with contextlib.redirect_stdout(stdout):
+            assert main([str(ckpt[name]), str(work / f"{name}.pt2"), *extra]) == 0, stdout.getvalue()[-3000:]
+        runs[name] = stdout.getvalue()
+    return {"work": work, "ckpt": ckpt, "runs": runs, "models": {n: fairseq_encoder(p) for n, p in ckpt.items()},
+            "files": {name: str(work / f"{name}.pt2") for name in HEAD_STUDENTS}}
+
+
+def eager_heads(model, wavs: torch.Tensor, lengths: torch.Tensor) -> List[torch.Tensor]:
+    """The eager model's hint-head outputs (B, T, D_t) in teacher-layer order (student l -> teacher l)."""
+    padding_mask = torch.arange(wavs.size(1))[None] >= lengths[:, None]
+    with torch.no_grad():
+        hints = model(wavs, padding_mask=padding_mask if (lengths < wavs.size(1)).any() else None)["hints"]
+    return [hints[layer] for layer in sorted(hints)]
+
+
+def test_arm_defaults_to_heads_and_star_to_layers_in_the_metadata(heads_exported):
+    from fairseq_kd.models.thin_hubert import ThinHubertModel
+    from fairseq_kd.s3prl_upstream import read_metadata
+
+    arm, star = (read_metadata(heads_exported["files"][name]) for name in ("arm", "star"))
+    assert (arm["outputs"], arm["num_hidden_states"], arm["hidden_size"]) == ("heads", 2, 48)
+    assert arm["head_teacher_layers"] == [[1], [2]] and len(arm["head_sources"]) == 2
+    assert (arm["downsample_rate"], arm["native_downsample_rates"], arm["rate_policy"]) == (320, [320, 320], "native")
+    assert arm["parameters"] == ThinHubertModel.count_parameters(heads_exported["models"]["arm"], include_heads=True)
+    assert (star["outputs"], star["num_hidden_states"], star["hidden_size"]) == ("layers", 3, 64)
+    assert "head_teacher_layers" not in star and star["downsample_rate"] == 320
+    arm_run, star_run = (result_json(heads_exported["runs"][n]) for n in ("arm", "star"))
+    assert (arm_run["outputs"], star_run["outputs"]) == ("heads", "layers")
+    assert max(arm_run["export_max_abs_diff"], arm_run["reloaded_max_abs_diff"], arm_run["onnx_max_abs_diff"]) <= TOLERANCE
+    assert "2 head outputs (--outputs heads; teacher layers 1, 2) x 48" in heads_exported["runs"]["arm"]
+
+
+def test_s3prl_upstream_serves_the_heads_or_the_layers_the_file_holds(heads_exported):
+    from fairseq_kd.s3prl_upstream import UpstreamExpert
+
+    gen = torch.Generator().manual_seed(11)
+    wavs = [torch.randn(n, generator=gen) * 0.1 for n in (12000, 5000, 800)]
+    for name, count, dim in (("arm", 2, 48), ("star", 3, 64)):
+        upstream, model = UpstreamExpert(heads_exported["files"][name]), heads_exported["models"][name]
+        assert upstream.get_downsample_rates("hidden_states") == 320 and upstream.student.outputs == (
+            "heads" if name == "arm" else "layers")
+        with torch.no_grad():
+            batch = upstream(wavs)
+        assert [tuple(h.shape) for h in batch["hidden_states"]] == [(3, 37, dim)] * count, name  # 12000 samples
+        assert torch.equal(batch["last_hidden_state"], batch["hidden_states"][-1])
+        features = featurize(wavs, batch["hidden_states"], 320, torch.zeros(count))  # s3prl's weighted sum
+        assert [tuple(f.shape) for f in features] == [(min(round(len(w) / 320), 37), dim) for w in wavs]
+        for wav in wavs:  # each utterance alone against the eager model fairseq loads
+            with torch.no_grad():
+                got = upstream([wav])["hidden_states"]
+                want = eager_heads(model, wav[None], torch.tensor([len(wav)])) if name == "arm" else [
+                    h for h in model.encode(wav[None])["hidden_states"]]
+            assert len(got) == len(want) == count
+            for g, w in zip(got, want):
+                torch.testing.assert_close(g, w, atol=TOLERANCE, rtol=0)
+
+
+def test_onnx_of_the_heads_equals_the_eager_heads(heads_exported):
+    import onnx
+
+    from fairseq_kd.export.onnx_export import onnx_session, run_onnx
+
+    path = heads_exported["work"] / "arm.onnx"
+    meta = json.loads({p.key: p.value for p in onnx.load(str(path)).metadata_props}["fairseq_kd.json"])
+    assert (meta["outputs"], meta["head_teacher_layers"]) == ("heads", [[1], [2]])
+    gen = torch.Generator().manual_seed(12)
+    wavs, lengths = torch.randn(2, 12000, generator=gen) * 0.1, torch.tensor([12000, 7000])
+    hidden, frame_lengths = run_onnx(onnx_session(str(path), threads=1), wavs, lengths)
+    want = eager_heads(heads_exported["models"]["arm"], wavs, lengths)
+    assert hidden.shape == (2, 2, want[0].size(1), 48)
+    for g, w in zip(hidden, want):  # the same padded batch: equal on each row's valid frames
+        for row, n in enumerate(frame_lengths.tolist()):
+            torch.testing.assert_close(torch.from_numpy(g[row, :n]), w[row, :n], atol=TOLERANCE, rtol=0)
+
+
+def test_time_reduced_heads_follow_the_rate_policy():
+    """Linear hints on a reduced layer and prediction heads come back at the CNN rate, repeated, and
+    equal the eager model's heads at their own rate; the default follows the config."""
+    from types import SimpleNamespace
+
+    from fairseq_kd.criterions.layer_distill import DistillTarget
+    from fairseq_kd.export.standalone import default_outputs, export_program, output_factors, parity
+    from fairseq_kd.models.thin_hubert import ThinHubertConfig, ThinHubertModel
+
+    arch = {**TINY, "hint_layer_ids": [0, 2], "hint_head_type": "linear", "pred_layer_ids": [4, 8],
+            "time_reduction_factor": 2, "time_reduction_layer": 1, "layer_norm_first": True,
+            "extractor_mode": "layer_norm"}
+    torch.manual_seed(0)
+    model = ThinHubertModel(ThinHubertConfig(**arch)).eval()
+    heads = [DistillTarget("h0", "hints", 0, [0], 1.0), DistillTarget("h2", "hints", 2, [2], 1.0),
+             DistillTarget("p4", "preds", 4, [4], 1.0), DistillTarget("p8", "preds", 8, [8], 1.0)]
+    assert output_factors(model, heads) == [1, 2, 2, 2]
+    program = export_program(model, example_samples=4000, heads=heads).module()
+    wavs, lengths = torch.randn(3, 9000, generator=torch.Generator().manual_seed(4)), torch.tensor([9000, 5000, 800])
+    assert parity(model, program, wavs, lengths, heads) <= TOLERANCE
+    with torch.no_grad():
+        hidden, _ = program(wavs, lengths)
+    assert hidden.shape[:2] == (4, 3) and hidden.size(-1) == 48
+    assert torch.equal(hidden[1][0, 0:26:2], hidden[1][0, 1:26:2])  # repeated, not interpolated
+    # the default: heads only for a masking-distillation student (ARMHuBERT / MaskHuBERT) with a hint
+    # head on every layer learning the same teacher layer; FitHuBERT's hints feed SUPERB its layers
+    one_to_one = [DistillTarget(f"h{l}", "hints", l, [l], 1.0) for l in (1, 2)]
+    cases = ((one_to_one, "masked_hint", "heads"), (one_to_one, "fithubert_hint", "layers"),
+             (heads, "masked_hint", "layers"), ([], "masked_hint", "layers"), (one_to_one[:1], "masked_hint", "layers"))
+    for targets, criterion, expected in cases:
+        loaded = SimpleNamespace(model=model, head_targets=targets, criterion=criterion)
+        assert default_outputs(loaded) == expected, (targets, criterion)
+
+
+def test_heads_asked_of_a_student_without_heads_is_refused(heads_exported, exported):
+    """STaRHuBERT-shaped: the console script names the checkpoint and the option, no traceback."""
+    star, out = heads_exported["ckpt"]["star"], heads_exported["work"] / "star_heads.pt2"
+    run = subprocess.run([console_script("fairseq-kd-export"), str(star), str(out), "--outputs", "heads"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stderr[-3000:]
+    assert f"fairseq-kd-export: error: {star}: --outputs heads" in run.stderr, run.stderr
+    assert "has no distillation heads" in run.stderr and "--outputs layers" in run.stderr
+    assert "Traceback" not in run.stderr and not out.exists()
+    # a fine-tuned CTC checkpoint lost its heads: export the distillation checkpoint instead
+    from fairseq_kd.cli.export import main
+
+    ctc = exported["ckpt"]["ctc"]
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert main([str(ctc), str(out), "--outputs", "heads"]) == 2
+    assert f"{ctc}: --outputs heads" in err.getvalue() and "fine-tuned hubert_ctc" in err.getvalue()
+    assert not out.exists()

@@ -5,10 +5,12 @@
 #   3. two students distilled from it, shaped like the presets  -> runs/mini/{thin_deep,distilhubert}
 #      thin_deep:    thin CNN, 6 x 64, time reduction x2, hints on every layer (FitHuBERT)
 #      distilhubert: the teacher's CNN + 1 x 96 initialised from it, heads for all teacher layers
-#   4. CTC fine-tuning of the teacher and of each student       -> runs/mini/ft_*
+#   4. CTC fine-tuning of the teacher, of each student and of each student's undistilled twin (the
+#      same architecture from random initialisation, same budget: does distillation help?) -> runs/mini/ft_*
 #   5. Viterbi decoding of the test split with fairseq's infer.py, WER/CER -> runs/mini/decode_*
 #   6. results table (params with/without heads, MACs, CPU time vs the teacher, similarity to the
-#      teacher, WER/CER) and plots (training curves, per-layer similarity) -> runs/mini/results.md, *.png
+#      teacher, WER/CER, distilled beside undistilled, the teacher's k-means target accuracy) and
+#      plots (training curves, per-layer similarity, distilled vs undistilled) -> runs/mini/results.md, *.png
 # Runs of one stage go side by side, one thread each (these models are too small for intra-op
 # threads to pay off). Finished steps (training, decoding, the report) are skipped on a re-run
 # (delete the folder to start over; FAIRSEQ_KD_VERBOSE=1: fairseq's INFO lines in the scripts too).
@@ -75,30 +77,36 @@ side_by_side \
    model.encoder_attention_heads=4 model.conv_channels=[64,64,64,64,64,64,64]
    model.pred_layer_ids=[1,2,3] model.init_teacher_layers=1 model.conv_pos_groups=16"
 
-step "4/6 CTC fine-tuning of the teacher and both students (fairseq hubert_ctc, kd_audio_finetuning), $U_FT updates"
+step "4/6 CTC fine-tuning of the teacher, both students and their undistilled twins (fairseq hubert_ctc, kd_audio_finetuning), $U_FT updates"
 FINETUNE="task.data=$DATA ${CPU[*]} optimization.max_update=$U_FT optimization.lr=[0.003]
   model.freeze_finetune_updates=0 model.mask_prob=0.25 model.mask_channel_prob=0.1
   model.mask_channel_length=4 model.layerdrop=0.0 dataset.max_tokens=160000
   dataset.validate_interval=1000 dataset.validate_interval_updates=$((U_FT / 3)) dataset.validate_after_updates=0
   checkpoint.save_interval_updates=$U_FT common.log_interval=50 +lr_scheduler.phase_ratio=[0.1,0.4,0.5]"
+# the undistilled twin: the distilled checkpoint gives only the architecture (fairseq's
+# no_pretrained_weights); its random CNN trains too (feature_grad_mult=1), its best chance
+UNDISTILLED="+model.no_pretrained_weights=true model.feature_grad_mult=1.0"
 side_by_side \
   "ft_teacher finetune_base_10h $FINETUNE model.w2v_path=$OUT/teacher/checkpoint_last.pt" \
   "ft_thin_deep finetune_base_10h $FINETUNE model.w2v_path=$OUT/thin_deep/checkpoint_last.pt" \
-  "ft_distilhubert finetune_base_10h $FINETUNE model.w2v_path=$OUT/distilhubert/checkpoint_last.pt"
+  "ft_distilhubert finetune_base_10h $FINETUNE model.w2v_path=$OUT/distilhubert/checkpoint_last.pt" \
+  "ft_thin_deep_undistilled finetune_base_10h $FINETUNE $UNDISTILLED model.w2v_path=$OUT/thin_deep/checkpoint_last.pt" \
+  "ft_distilhubert_undistilled finetune_base_10h $FINETUNE $UNDISTILLED model.w2v_path=$OUT/distilhubert/checkpoint_last.pt"
 
 step "5/6 decode the test split (fairseq infer.py, Viterbi) and score WER / CER"
 decoded() { [ -s "$OUT/decode_$1/hypo.word" ] && [ "$OUT/decode_$1/hypo.word" -nt "$OUT/ft_$1/checkpoint_best.pt" ]; }
 pids=()
-for model in teacher thin_deep distilhubert; do
+MODELS=(teacher thin_deep distilhubert thin_deep_undistilled distilhubert_undistilled)
+for model in "${MODELS[@]}"; do
   if decoded "$model"; then echo "[decode_$model] done before: $OUT/decode_$model"; continue; fi
   OMP_NUM_THREADS=1 "$BIN/fairseq-kd-infer" --config-name decode_viterbi "task.data=$DATA" dataset.gen_subset=test \
     common.cpu=true "common_eval.path=$OUT/ft_$model/checkpoint_best.pt" \
     "decoding.results_path=$OUT/decode_$model" > "$OUT/decode_$model.log" 2>&1 & pids+=($!)
 done
 for pid in "${pids[@]}"; do wait "$pid" || { echo "decoding failed; see $OUT/decode_*.log"; exit 1; }; done
-for model in teacher thin_deep distilhubert; do
+for model in "${MODELS[@]}"; do
   # stderr (fairseq's import-time INFO lines, warnings) goes to the log, not into the table
-  printf '%-14s' "$model"; "$BIN/fairseq-kd-score" "$OUT/decode_$model" 2>>"$OUT/score.log" \
+  printf '%-26s' "$model"; "$BIN/fairseq-kd-score" "$OUT/decode_$model" 2>>"$OUT/score.log" \
     || { echo "scoring failed; the end of $OUT/score.log:"; tail -n 20 "$OUT/score.log"; exit 1; }
 done
 

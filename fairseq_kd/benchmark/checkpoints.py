@@ -11,7 +11,7 @@ from typing import Any, Callable, Dict, Sequence, Tuple
 import torch
 
 from fairseq_kd.benchmark.config import SAMPLE_RATE, BenchmarkError
-from fairseq_kd.benchmark.timing import median, paired_ratio, time_interleaved
+from fairseq_kd.benchmark.timing import median, paired_ratio, paired_ratio_range, time_interleaved
 from fairseq_kd.encoders.pretrained import CTC_MODELS, FAIRSEQ_ENCODERS, STUDENT_MODELS
 
 ACCEPTED = STUDENT_MODELS + FAIRSEQ_ENCODERS  # also inside a CTC model fine-tuned from one
@@ -50,7 +50,8 @@ def inference_time_ratios(
 ) -> Dict[str, Dict[str, float]]:
     """Forward time of each student checkpoint relative to the teacher checkpoint, timed side by side.
 
-    Returns ``{path: {"time_ratio": median of per-round ratios, "median_s": ...}}`` for the
+    Returns ``{path: {"time_ratio": median of per-round ratios, "time_ratio_range": (lowest, highest
+    per-round ratio), "median_s": ...}}`` for the
     teacher (ratio 1.0) and every student, on ``batch`` random utterances of ``seconds``.
     """
     dev = torch.device(device)
@@ -65,4 +66,8 @@ def inference_time_ratios(
         return run
 
     times = time_interleaved({p: call(f) for p, (_, f) in loaded.items()}, repeats, warmup, dev)
-    return {p: {"time_ratio": paired_ratio(t, times[teacher]), "median_s": median(t)} for p, t in times.items()}
+    return {
+        p: {"time_ratio": paired_ratio(t, times[teacher]), "time_ratio_range": paired_ratio_range(t, times[teacher]),
+            "median_s": median(t)}
+        for p, t in times.items()
+    }

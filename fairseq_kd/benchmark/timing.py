@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import statistics
 import time
-from typing import Any, Callable, Dict, List, Mapping, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
@@ -50,6 +50,12 @@ def time_interleaved(
 def paired_ratio(numerator: Sequence[float], denominator: Sequence[float]) -> float:
     """Median of the per-round ratios (each pair was timed in the same round)."""
     return statistics.median(n / d for n, d in zip(numerator, denominator))
+
+
+def paired_ratio_range(numerator: Sequence[float], denominator: Sequence[float]) -> Tuple[float, float]:
+    """Lowest and highest per-round ratio: the spread around ``paired_ratio``."""
+    ratios = [n / d for n, d in zip(numerator, denominator)]
+    return min(ratios), max(ratios)
 
 
 def median(values: Sequence[float]) -> float:

@@ -2,13 +2,16 @@
 
     fairseq-kd-export checkpoint_best.pt student.pt2                 # torch.export program + metadata
     fairseq-kd-export checkpoint_best.pt student.pt2 --check         # reload it and compare again
+    fairseq-kd-export checkpoint_best.pt student.pt2 --outputs heads # the distillation heads' outputs
     fairseq-kd-export checkpoint_best.pt student.pt2 --onnx student.onnx --check --benchmark
     fairseq-kd-export checkpoint_best.pt student.pt2 --onnx student.onnx --int8 student.int8.onnx --benchmark
     fairseq-kd-export --s3prl-upstream <s3prl>/s3prl/upstream/fairseq_kd_student
     fairseq-kd-export checkpoint_best.pt student_hf --format hf     # a transformers HubertModel folder
 
 CHECKPOINT is a distillation checkpoint (``thin_hubert``) or a ``hubert_ctc`` / ``wav2vec_ctc``
-checkpoint fine-tuned from one; the file holds the encoder without distillation heads or CTC layer.
+checkpoint fine-tuned from one; the file holds the encoder without CTC layer, and returns either
+the student's layers or its distillation heads' outputs (``--outputs``, default per student: see
+``fairseq_kd/export/standalone.py``).
 Every export is compared with the original model (a padded batch with a 0.05 s row, 0.05 s alone)
 before it is written, and the ONNX model with the PyTorch program under onnxruntime; ``--check``
 also loads the written .pt2 back and compares it with the model on more shapes; ``--benchmark``
@@ -40,6 +43,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("checkpoint", nargs="?", help="distillation or fine-tuned CTC checkpoint (.pt)")
     p.add_argument("output", nargs="?", help="standalone student file to write (.pt2)")
+    p.add_argument("--outputs", choices=["layers", "heads"], default=None,
+                   help="what the file's hidden_states are (the s3prl upstream serves them): layers = the "
+                        "CNN/projection output and every transformer layer (STaRHuBERT's, DistilHuBERT's SUPERB "
+                        "input); heads = the distillation heads' outputs, one per teacher layer in teacher-layer "
+                        "order (ARMHuBERT's / MaskHuBERT's: the 12 projection-head outputs). Default: heads for a "
+                        "student with a hint head on every layer learning the teacher layer of the same depth, "
+                        "else layers")
     p.add_argument("--onnx", default=None, metavar="FILE", help="also write an ONNX model here")
     p.add_argument("--int8", default=None, metavar="FILE",
                    help="also write onnxruntime's dynamic int8 quantisation of the ONNX model here (needs --onnx), "
@@ -122,24 +132,25 @@ def run(args: argparse.Namespace) -> int:
             return 0
 
     from fairseq_kd.export.checkpoints import load_student
-    from fairseq_kd.export.standalone import export_standalone, parity
+    from fairseq_kd.export.standalone import HEADS, choose_outputs, export_standalone, parity
 
-    loaded = load_student(args.checkpoint)  # every input error is raised before any export work
-    program, meta, diff = export_standalone(loaded, args.output)
+    loaded = load_student(args.checkpoint, keep_heads=True)  # every input error is raised before any export work
+    outputs = choose_outputs(loaded, args.outputs)
+    heads = loaded.head_targets if outputs == HEADS else None
+    program, meta, diff = export_standalone(loaded, args.output, outputs)
     print(
-        f"wrote {args.output}: {meta['num_hidden_states']} hidden states (CNN/projection + "
-        f"{meta['num_layers']} layers) x {meta['hidden_size']}, {meta['downsample_rate']} samples per "
-        f"frame ({meta['rate_policy']}), normalize={str(meta['normalize']).lower()}, "
+        f"wrote {args.output}: {describe_outputs(meta)} x {meta['hidden_size']}, {meta['downsample_rate']} "
+        f"samples per frame ({meta['rate_policy']}), normalize={str(meta['normalize']).lower()}, "
         f"{meta['parameters']:,} parameters, from a {meta['source_kind']} checkpoint"
     )
     print(f"export check: max abs diff vs the model {diff:.3g}")
-    result = {"standalone": args.output, "export_max_abs_diff": diff}
+    result = {"standalone": args.output, "outputs": outputs, "export_max_abs_diff": diff}
 
     if args.check:
         import torch
 
         reloaded = torch.export.load(args.output).module()
-        reloaded_diff = max(parity(loaded.model, reloaded, w, l) for w, l in check_batches())
+        reloaded_diff = max(parity(loaded.model, reloaded, w, l, heads) for w, l in check_batches())
         print(f"check: reloaded {args.output}, max abs diff vs the model {reloaded_diff:.3g} "
               f"(mixed lengths, 0.05 s, batch of one)")
         result["reloaded_max_abs_diff"] = reloaded_diff
@@ -170,6 +181,15 @@ def run(args: argparse.Namespace) -> int:
             result["int8"] = write_int8(args, meta)
     print("result: " + json.dumps(result))
     return 0
+
+
+def describe_outputs(meta: dict) -> str:
+    """What the file's hidden_states are, for the summary line."""
+    if meta["outputs"] == "heads":
+        teachers = ", ".join("+".join(map(str, layers)) for layers in meta["head_teacher_layers"])
+        return f"{meta['num_hidden_states']} head outputs (--outputs heads; teacher layers {teachers})"
+    return (f"{meta['num_hidden_states']} hidden states (--outputs layers; CNN/projection + "
+            f"{meta['num_layers']} layers)")
 
 
 def write_int8(args: argparse.Namespace, meta) -> dict:
@@ -207,6 +227,9 @@ def run_hf(args: argparse.Namespace) -> int:
         raise CliError("give CHECKPOINT and the OUTPUT folder, e.g. fairseq-kd-export checkpoint_best.pt student_hf --format hf")
     if args.onnx or args.benchmark or args.check or args.s3prl_upstream:
         raise CliError("--format hf writes the transformers folder only (it is always checked); drop --onnx/--benchmark/--check/--s3prl-upstream")
+    if args.outputs == "heads":
+        raise CliError("--format hf writes a transformers HubertModel, which has no distillation heads: drop "
+                       "--outputs heads (or export a .pt2 with --format standalone)")
     from fairseq_kd.export.checkpoints import load_student
     from fairseq_kd.export.hf import export_hf
 

@@ -5,6 +5,7 @@ and checks. Usage::
 
     fairseq-kd-prepare-kws-sv speech-commands --root /data/speech_commands_v0.02 --dest data/sc12
     fairseq-kd-prepare-kws-sv voxceleb1 --root /data/VoxCeleb1 --dest data/vox1
+    fairseq-kd-prepare-kws-sv view --data manifests/keywords --view speakers --dest data/mini_spk
     fairseq-kd-prepare-kws-sv check --data manifests/keywords
 """
 
@@ -17,7 +18,9 @@ from typing import Optional, Sequence
 
 from fairseq_kd.data.kws_sv import KwsSvDataError
 from fairseq_kd.prep.prepare_asr import PrepareError
-from fairseq_kd.prep.prepare_kws_sv import SPLITS, TF_SEED, check, prepare_speech_commands, prepare_voxceleb1
+from fairseq_kd.prep.prepare_kws_sv import (
+    SPLITS, TF_SEED, VIEWS, check, prepare_speech_commands, prepare_view, prepare_voxceleb1,
+)
 from fairseq_kd.cli.errors import clean_errors, report
 
 
@@ -55,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     vox.add_argument("--jobs", type=int, default=8)
     vox.add_argument("--overwrite", action="store_true")
     vox.set_defaults(run=prepare_voxceleb1)
+
+    view = sub.add_parser("view", help="a keyword-only or speaker-only view of a folder with both labels "
+                          "(two views with disjoint rows and speakers stand in for two corpora)")
+    view.add_argument("--data", required=True, help="a prepared folder with .kw and .spk labels (e.g. manifests/keywords)")
+    view.add_argument("--view", required=True, choices=list(VIEWS), help="which labels the view keeps")
+    view.add_argument("--dest", required=True)
+    view.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    view.set_defaults(run=prepare_view)
 
     chk = sub.add_parser("check", help="check a prepared folder (e.g. manifests/keywords) as the task will")
     chk.add_argument("--data", required=True)

@@ -9,13 +9,20 @@
 and each training's log (``*.log``, fairseq's ``simple`` format). This command reads them and writes:
 
 * ``results.md`` / ``results.json``: per model, parameters with and without distillation heads,
-  MACs per 10 s of audio, CPU inference time relative to the teacher (measured here, side by side,
-  on the same batch), the student-teacher cosine similarity on held-out audio, and WER / CER of the
-  decoded split;
+  MACs per 10 s of audio, CPU inference time relative to the teacher (measured here, interleaved
+  rounds on the same batch: median and range of the per-round ratios), the student-teacher cosine
+  similarity on held-out audio, and WER / CER of the decoded split; each student beside its
+  *undistilled twin* (``NAME_undistilled``: the same architecture fine-tuned from random
+  initialisation with the same budget, ``ft_NAME_undistilled``), whose similarity is that of the
+  randomly initialised student; and the teacher's k-means target accuracy on the valid split
+  (``correct_m_0`` / ``correct_u_0`` of its last validation, the masked / unmasked frames'
+  accuracy as fairseq's ``hubert`` criterion logs it);
 * ``curves.png``: training curves (teacher pre-training, distillation, fine-tuning loss and valid
   UER) read from the logs;
 * ``similarity.png``: per distilled output, the cosine similarity to its teacher layer on the
-  valid split at each validation of the distillation run, and as measured by this command.
+  valid split from update 0 (the initialised student, rebuilt here the way distillation builds it)
+  through each validation of the distillation run, and as measured by this command;
+* ``results.png``: CER of every student, distilled and undistilled, beside the teacher's.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ logger = logging.getLogger("fairseq_kd.report")
 
 TEACHER = "teacher"
 STUDENTS = ("thin_deep", "distilhubert")
+UNDISTILLED = "_undistilled"  # NAME_undistilled: NAME's architecture fine-tuned from random initialisation
 KV = re.compile(r"(\w+)=([-+\d.eE]+|nan|inf)")
 
 
@@ -89,6 +97,18 @@ def load_encoders(run: Path):
     return teacher, students
 
 
+def distilled_twin(name: str) -> str:
+    """The distilled student whose architecture (and checkpoint config) a row has."""
+    return name[: -len(UNDISTILLED)] if name.endswith(UNDISTILLED) else name
+
+
+def teacher_target_accuracy(teacher_log: Dict[str, List[Dict[str, float]]]) -> Dict[str, Optional[float]]:
+    """The teacher's k-means target accuracy at its last validation, as fairseq's ``hubert``
+    criterion logs it (``correct_m_0``: masked frames, ``correct_u_0``: unmasked frames)."""
+    last = teacher_log["valid"][-1] if teacher_log["valid"] else {}
+    return {"masked": last.get("correct_m_0"), "unmasked": last.get("correct_u_0")}
+
+
 def size_and_compute(run: Path, name: str) -> Dict[str, float]:
     from fairseq_kd.presets import model_fields
     from fairseq_kd.models.thin_hubert import ThinHubertModel
@@ -108,26 +128,50 @@ def similarity(students, teacher, manifest: Path) -> Dict[str, Dict[str, float]]
     return {name: similarity_to_teacher(model, cfg, teacher, str(manifest)) for name, (model, cfg) in students.items()}
 
 
-def inference_times(run: Path, names: Sequence[str], repeats: int) -> Dict[str, float]:
-    """CPU forward time of each encoder relative to the teacher's, timed side by side in rounds
-    on the same batch of 10 s utterances (``fairseq_kd.benchmark``)."""
+def initial_similarity(students, teacher, manifest: Path) -> Dict[str, Dict[str, Dict[str, float]]]:
+    """Per student: ``"update0"``, the similarity of the student distillation starts from (teacher
+    parts copied as its config says), and ``"random"``, of its architecture at random
+    initialisation (the undistilled twin's starting point; the same student when nothing is copied)."""
+    from fairseq_kd.evaluation.similarity import initialised_student, similarity_to_teacher
+
+    out = {}
+    for name, (_, cfg) in students.items():
+        random = similarity_to_teacher(initialised_student(cfg), cfg, teacher, str(manifest))
+        copies = cfg.model.init_teacher_cnn or cfg.model.init_teacher_pos_conv or cfg.model.init_teacher_layers
+        update0 = (similarity_to_teacher(initialised_student(cfg, teacher), cfg, teacher, str(manifest))
+                   if copies else random)
+        out[name] = {"update0": update0, "random": random}
+    return out
+
+
+def inference_times(run: Path, names: Sequence[str], repeats: int) -> Dict[str, Dict[str, Any]]:
+    """CPU forward time of each encoder relative to the teacher's, timed in interleaved rounds on
+    the same batch of 10 s utterances (``fairseq_kd.benchmark``): the median per-round ratio and
+    the lowest and highest one."""
     from fairseq_kd.benchmark import inference_time_ratios
 
     paths = {name: str(run / name / "checkpoint_last.pt") for name in names}
     ratios = inference_time_ratios(
         paths[TEACHER], [paths[n] for n in names if n != TEACHER], seconds=10.0, batch=4, repeats=repeats
     )
-    return {name: ratios[path]["time_ratio"] for name, path in paths.items()}
+    return {name: {"median": ratios[path]["time_ratio"], "range": list(ratios[path]["time_ratio_range"])}
+            for name, path in paths.items()}
 
 
 # -- plots -----------------------------------------------------------------------------------------
 # one colour per model (its fine-tuning ft_NAME shares it), one line style per kind of curve
-MODEL_COLORS = {TEACHER: "tab:blue", "thin_deep": "tab:orange", "distilhubert": "tab:green"}
+MODEL_COLORS = {TEACHER: "tab:blue", "thin_deep": "tab:orange", "distilhubert": "tab:green",
+                "thin_deep" + UNDISTILLED: "tab:red", "distilhubert" + UNDISTILLED: "tab:purple"}
 KIND_STYLES = {  # kind -> (linestyle, marker)
     "train": ("-", None),
     "valid": ("--", "o"),
     "metric": (":", "s"),
 }
+
+
+def finetuned_names() -> List[str]:
+    """Every model the main job fine-tunes: the teacher, the students and their undistilled twins."""
+    return [TEACHER, *STUDENTS, *[s + UNDISTILLED for s in STUDENTS]]
 
 
 def model_color(name: str) -> str:
@@ -161,7 +205,7 @@ def curves_figure(logs: Dict[str, Dict[str, List[Dict[str, float]]]]):
     panels = [
         (axes[0], [TEACHER], "teacher pre-training (hubert_pretraining)"),
         (axes[1], list(STUDENTS), "distillation (distill_hubert)"),
-        (axes[2], [f"ft_{m}" for m in (TEACHER, *STUDENTS)], "CTC fine-tuning"),
+        (axes[2], [f"ft_{m}" for m in finetuned_names()], "CTC fine-tuning"),
     ]
     for ax, names, title in panels:
         for name in names:
@@ -176,7 +220,7 @@ def curves_figure(logs: Dict[str, Dict[str, List[Dict[str, float]]]]):
         ax.set_xlim(left=0)
         ax.grid(alpha=0.3)
     uer_ax = axes[2].twinx()
-    for name in (TEACHER, *STUDENTS):
+    for name in finetuned_names():
         points = [(r["num_updates"], r["uer"]) for r in logs.get(f"ft_{name}", {}).get("valid", [])
                   if "uer" in r and "num_updates" in r]
         if points:
@@ -199,11 +243,17 @@ def plot_curves(logs: Dict[str, Dict[str, List[Dict[str, float]]]], out: Path) -
     _pyplot().close(fig)
 
 
-def similarity_figure(logs: Dict[str, Dict[str, List[Dict[str, float]]]], final: Dict[str, Dict[str, float]]):
+def similarity_figure(
+    logs: Dict[str, Dict[str, List[Dict[str, float]]]],
+    final: Dict[str, Dict[str, float]],
+    initial: Optional[Dict[str, Dict[str, float]]] = None,
+):
     """Per student, the valid-set cosine similarity of every distilled output to its teacher layer
-    at each validation of the distillation run (a value logged at update 0, the initialised student,
-    is drawn when the log has one), and (x) the report's own measurement of the final student.
-    The y-range is fit to the values, so that outputs are visibly apart."""
+    at update 0 (``initial``: the initialised student, measured by the report; fairseq never
+    validates before the first update), at each validation of the distillation run, and (x) the
+    report's own measurement of the final student. The y-range is fit to the values, so that
+    outputs are visibly apart."""
+    initial = initial or {}
     plt = _pyplot()
     names = list(final)
     fig, axes = plt.subplots(1, max(len(names), 1), figsize=(6 * max(len(names), 1), 4), squeeze=False)
@@ -214,6 +264,8 @@ def similarity_figure(logs: Dict[str, Dict[str, List[Dict[str, float]]]], final:
         for index, (output, value) in enumerate(final[name].items()):
             color = f"C{index % 10}"
             points = [(r["num_updates"], r[f"cos_sim_{output}"]) for r in valid if f"cos_sim_{output}" in r]
+            if output in initial.get(name, {}) and not any(x == 0 for x, _ in points):
+                points.insert(0, (0, initial[name][output]))
             if points:
                 ax.plot(*zip(*points), "-", marker=".", color=color, label=output)
                 values += [v for _, v in points]
@@ -233,8 +285,41 @@ def similarity_figure(logs: Dict[str, Dict[str, List[Dict[str, float]]]], final:
     return fig
 
 
-def plot_similarity(logs: Dict[str, Dict[str, List[Dict[str, float]]]], final: Dict[str, Dict[str, float]], out: Path) -> None:
-    fig = similarity_figure(logs, final)
+def plot_similarity(logs, final, initial, out: Path) -> None:
+    fig = similarity_figure(logs, final, initial)
+    fig.savefig(out, dpi=100)
+    _pyplot().close(fig)
+
+
+def results_figure(rows: Dict[str, Dict[str, Any]], split: str):
+    """Distilled vs undistilled at a glance: per student architecture, the CER of the distilled
+    student and of its undistilled twin as bars, the teacher's CER as a line."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    students = [s for s in STUDENTS if s in rows]
+    width = 0.38
+    for offset, suffix, label in ((-width / 2, "", "distilled"), (width / 2, UNDISTILLED, "undistilled (random init)")):
+        names = [s + suffix for s in students]
+        cers = [rows.get(n, {}).get("cer") for n in names]
+        xs = [i + offset for i, c in enumerate(cers) if c is not None]
+        bars = ax.bar(xs, [c for c in cers if c is not None], width,
+                      color=[model_color(n) for n, c in zip(names, cers) if c is not None], label=label,
+                      hatch=None if not suffix else "//", edgecolor="black")
+        ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    teacher_cer = rows.get(TEACHER, {}).get("cer")
+    if teacher_cer is not None:
+        ax.axhline(teacher_cer, color=model_color(TEACHER), linestyle="--", label=f"teacher ({teacher_cer:.1f})")
+    ax.set_xticks(range(len(students)), students)
+    ax.set_ylabel(f"{split} CER % (lower is better)")
+    ax.set_title("CTC fine-tuning with the same budget: distilled vs undistilled")
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    return fig
+
+
+def plot_results(rows: Dict[str, Dict[str, Any]], split: str, out: Path) -> None:
+    fig = results_figure(rows, split)
     fig.savefig(out, dpi=100)
     _pyplot().close(fig)
 
@@ -245,42 +330,68 @@ def build_report(run: Path, data: Path, split: str, repeats: int) -> Dict[str, A
     logs = {name: parse_log(run / f"{name}.log") for name in names}
     logs.update({f"ft_{name}": parse_log(run / f"ft_{name}.log") for name in names})
 
+    twins = [s + UNDISTILLED for s in names[1:] if (run / f"ft_{s}{UNDISTILLED}.log").is_file()]
+    logs.update({f"ft_{name}": parse_log(run / f"ft_{name}.log") for name in twins})
+
     teacher, students = load_encoders(run)
     sims = similarity(students, teacher, data / "valid.tsv")
+    initial = initial_similarity(students, teacher, data / "valid.tsv")
     time_ratios = inference_times(run, names, repeats)
     rows = {}
-    for name in names:
-        row = size_and_compute(run, name)
-        row["cpu_time_vs_teacher"] = time_ratios[name]
-        row["cos_sim_valid"] = sum(sims[name].values()) / len(sims[name]) if name in sims else None
+    for name in [*names, *twins]:
+        twin = distilled_twin(name)
+        row = size_and_compute(run, twin)
+        row["distilled"] = name != TEACHER and name == twin
+        row["cpu_time_vs_teacher"] = time_ratios[twin]["median"]  # the twins share an architecture
+        row["cpu_time_range"] = time_ratios[twin]["range"]
+        measured = sims.get(name) if name == twin else initial.get(twin, {}).get("random")
+        row["cos_sim_valid"] = sum(measured.values()) / len(measured) if measured else None
         row["wer"] = read_score(run / f"decode_{name}" / "wer.txt")
         row["cer"] = read_score(run / f"decode_{name}" / "cer.txt")
         rows[name] = row
     plot_curves(logs, run / "curves.png")
-    plot_similarity(logs, sims, run / "similarity.png")
-    return {"split": split, "models": rows, "similarity": sims}
+    plot_similarity(logs, sims, {n: v["update0"] for n, v in initial.items()}, run / "similarity.png")
+    plot_results(rows, split, run / "results.png")
+    return {"split": split, "models": rows, "similarity": sims, "similarity_at_init": initial,
+            "teacher_target_accuracy": teacher_target_accuracy(logs[TEACHER])}
+
+
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def format_table(report: Dict[str, Any]) -> str:
     header = (
-        f"| model | params (M) | with heads (M) | GMACs / 10 s | output rate | CPU time vs teacher "
-        f"| cos sim to teacher (valid) | {report['split']} WER % | {report['split']} CER % |"
+        f"| model | encoder before fine-tuning | params (M) | with heads (M) | GMACs / 10 s | output rate "
+        f"| CPU time vs teacher (range) | cos sim to teacher (valid) | {report['split']} WER % | {report['split']} CER % |"
     )
-    lines = [header, "|" + "---|" * 9]
-
-    def fmt(value, spec):
-        return "-" if value is None else format(value, spec)
-
+    lines = [header, "|" + "---|" * 10]
     for name, row in report["models"].items():
+        kind = "pre-trained (teacher)" if name == TEACHER else "distilled" if row["distilled"] else "random init"
+        low, high = row["cpu_time_range"]
         lines.append(
-            f"| {name} | {row['params_m']:.3f} | {row['params_with_heads_m']:.3f} | {row['gmacs_per_10s']:.2f} "
-            f"| {row['output_rate_hz']:g} Hz | {row['cpu_time_vs_teacher']:.2f}x | {fmt(row['cos_sim_valid'], '.3f')} "
-            f"| {fmt(row['wer'], '.2f')} | {fmt(row['cer'], '.2f')} |"
+            f"| {name} | {kind} | {row['params_m']:.3f} | {row['params_with_heads_m']:.3f} | {row['gmacs_per_10s']:.2f} "
+            f"| {row['output_rate_hz']:g} Hz | {row['cpu_time_vs_teacher']:.2f}x ({low:.2f}-{high:.2f}) "
+            f"| {_fmt(row['cos_sim_valid'], '.3f')} | {_fmt(row['wer'], '.2f')} | {_fmt(row['cer'], '.2f')} |"
         )
+    accuracy = report.get("teacher_target_accuracy", {})
+    lines += [
+        "",
+        f"Teacher k-means target accuracy (valid, last validation; fairseq's hubert criterion): "
+        f"masked frames {_fmt(_percent(accuracy.get('masked')), '.1f')} %, "
+        f"unmasked frames {_fmt(_percent(accuracy.get('unmasked')), '.1f')} %.",
+        "Undistilled rows: the student's architecture fine-tuned from random initialisation with the same "
+        "budget; their similarity is the randomly initialised student's (heads included), their size "
+        "and CPU time are the distilled twin's.",
+    ]
     return "\n".join(lines)
 
 
-OUTPUTS = ("results.md", "results.json", "curves.png", "similarity.png")
+def _percent(value: Optional[float]) -> Optional[float]:
+    return None if value is None else 100.0 * value
+
+
+OUTPUTS = ("results.md", "results.json", "curves.png", "similarity.png", "results.png")
 STAMP = "report.stamp"
 
 
@@ -290,7 +401,7 @@ def input_stamp(run: Path, data: Path, split: str, repeats: int) -> str:
     import hashlib
 
     files = [data / "valid.tsv"]
-    for name in (TEACHER, *STUDENTS):
+    for name in finetuned_names():
         files += [run / name / "checkpoint_last.pt", run / f"{name}.log", run / f"ft_{name}.log",
                   run / f"decode_{name}" / "wer.txt", run / f"decode_{name}" / "cer.txt"]
     digest = hashlib.sha256(f"{split} {repeats}".encode())
@@ -341,7 +452,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     (run / "results.json").write_text(json.dumps(report, indent=2) + "\n")
     stamp_file.write_text(stamp + "\n")
     print(table)
-    print(f"wrote {run / 'results.md'}, results.json, curves.png, similarity.png ({reason})")
+    print(f"wrote {run / 'results.md'}, results.json, curves.png, similarity.png, results.png ({reason})")
     return 0
 
 

@@ -14,7 +14,7 @@ from fairseq_kd.criterions.kd_losses import align_to_teacher, cosine_similarity_
 from fairseq_kd.criterions.layer_distill import LayerDistillConfig, build_targets, student_output, teacher_target
 from fairseq_kd.data.manifest import read_manifest, read_waveform
 from fairseq_kd.encoders.pretrained import build_encoder, read_checkpoint
-from fairseq_kd.teacher import FrozenTeacher
+from fairseq_kd.teacher import FrozenTeacher, initialise_student
 
 LOAD_HELP = "give a distillation checkpoint (checkpoint_best.pt / checkpoint_last.pt of fairseq-hydra-train)"
 
@@ -27,6 +27,21 @@ def load_distilled(checkpoint: str) -> Tuple[torch.nn.Module, Any]:
     model = build_encoder(cfg, state["model"], f"student checkpoint {checkpoint}", ValueError, keep_heads=True)
     model.eval()
     return model, cfg
+
+
+def initialised_student(cfg, teacher: Optional[FrozenTeacher] = None) -> torch.nn.Module:
+    """The student a distillation checkpoint's ``cfg`` starts from, with its heads, in eval mode:
+    built with the run's seed (``common.seed``) and, when ``teacher`` is given, the parts the
+    config copies from the teacher copied as ``distill_hubert`` does. Without ``teacher``: the
+    same architecture at random initialisation (the undistilled twin). The random tensors follow
+    the same procedure as the run's but are not bit-identical to them (the trainer draws from
+    the generator before building the model)."""
+    torch.manual_seed(int(cfg.common.seed))
+    model = build_encoder(cfg, None, "student config", ValueError, keep_heads=True)
+    if teacher is not None:
+        initialise_student(model, cfg.model, teacher)
+    model.eval()
+    return model
 
 
 def criterion_config(cfg) -> LayerDistillConfig:

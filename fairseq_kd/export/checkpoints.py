@@ -7,7 +7,9 @@
 Accepted (``cfg.model._name`` of the fairseq checkpoint):
 
 - ``thin_hubert`` / ``thin_hubert_w2v``: a distillation checkpoint (``fairseq-hydra-train
-  --config-name thin_deep|distilhubert|...``); the distillation heads are dropped.
+  --config-name thin_deep|distilhubert|...``); the distillation heads are dropped, or kept with
+  ``keep_heads`` (for ``fairseq-kd-export --outputs heads``), together with the teacher layer(s)
+  each head learnt (:func:`head_targets`, the criterion's own mapping).
 - ``hubert_ctc`` / ``wav2vec_ctc`` whose ``w2v_args`` hold a ``thin_hubert`` student (written by
   ``kd_audio_finetuning``): the fine-tuned encoder ``w2v_encoder.w2v_model.*``, without the CTC
   output layer.
@@ -19,11 +21,13 @@ model, a config the weights do not match, a missing, truncated or non-fairseq fi
 
 import os
 import zipfile
-from dataclasses import dataclass, fields
-from typing import Any, Dict, Mapping
+from dataclasses import dataclass, field, fields
+from types import SimpleNamespace
+from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
+from fairseq_kd.criterions.layer_distill import DistillTarget, build_targets
 from fairseq_kd.encoders.pretrained import CTC_MODELS, STUDENT_MODELS, encoder_state, model_name, read_checkpoint
 from fairseq_kd.models.thin_hubert import HEAD_MODULES, ThinHubertConfig, ThinHubertModel, check_config
 
@@ -41,12 +45,15 @@ class ExportInputError(ValueError):
 
 @dataclass
 class LoadedStudent:
-    model: ThinHubertModel  # eval mode, distillation heads removed
+    model: ThinHubertModel  # eval mode, distillation heads removed unless kept (``head_targets``)
     path: str
     source: str  # "distillation", "hubert_ctc" or "wav2vec_ctc"
     normalize: bool
     sample_rate: int
     model_cfg: Dict[str, Any]  # the thin_hubert fields the model was built from
+    # the kept heads' outputs in teacher-layer order (empty: no heads, or they were dropped)
+    head_targets: List[DistillTarget] = field(default_factory=list)
+    criterion: Optional[str] = None  # the distillation criterion's _name (None: a fine-tuned checkpoint)
 
 
 def read_student_checkpoint(path: str) -> Dict[str, Any]:
@@ -71,8 +78,12 @@ def _is_standalone_archive(path: str) -> bool:
         return False
 
 
-def load_student(path: str) -> LoadedStudent:
-    """The student of a distillation or fine-tuned checkpoint, built and strictly loaded, in eval mode."""
+def load_student(path: str, keep_heads: bool = False) -> LoadedStudent:
+    """The student of a distillation or fine-tuned checkpoint, built and strictly loaded, in eval mode.
+
+    ``keep_heads``: keep the distillation heads of a distillation checkpoint that has them (a CTC
+    checkpoint holds the encoder only), with ``head_targets`` saying which teacher layer(s) each learnt.
+    """
     path = os.fspath(path)
     state = read_student_checkpoint(path)
     name = model_name(state["cfg"])
@@ -91,7 +102,11 @@ def load_student(path: str) -> LoadedStudent:
     student_cfg, weights, normalize = found.cfg.model, found.weights, found.normalize
     model_cfg = _student_config(student_cfg, path)
     model = ThinHubertModel(model_cfg)
-    model.remove_pretraining_modules()
+    heads = keep_heads and source == "distillation" and has_heads(model)
+    criterion_cfg = found.cfg.get("criterion", None) if source == "distillation" else None
+    targets = head_targets(model_cfg, criterion_cfg, path) if heads else []
+    if not heads:
+        model.remove_pretraining_modules()
     _load_weights(model, weights, path)
     model.eval()
     return LoadedStudent(
@@ -101,7 +116,39 @@ def load_student(path: str) -> LoadedStudent:
         normalize=bool(normalize),
         sample_rate=found.sample_rate,
         model_cfg={f.name: getattr(model_cfg, f.name) for f in fields(model_cfg)},
+        head_targets=targets,
+        criterion=criterion_cfg.get("_name", None) if criterion_cfg is not None else None,
     )
+
+
+def has_heads(model: ThinHubertModel) -> bool:
+    return model.hint_heads is not None or model.pred_head is not None
+
+
+def head_targets(model_cfg: ThinHubertConfig, criterion_cfg: Any, path: str) -> List[DistillTarget]:
+    """Each distillation head's output and the teacher layer(s) it learnt, in teacher-layer order.
+
+    The pairing is the criterion's own (``layer_distill.build_targets``: ``criterion.hint_targets``,
+    or a hint learns the teacher layer of its student layer's id; a prediction head its listed
+    layer), so that the export describes the heads exactly as training used them.
+    """
+    hint_targets = []
+    if criterion_cfg is not None and criterion_cfg.get("hint_targets", None):
+        hint_targets = [str(t) for t in _plain(criterion_cfg["hint_targets"])]
+    spec = SimpleNamespace(
+        hint_layer_ids=list(model_cfg.hint_layer_ids), pred_layer_ids=list(model_cfg.pred_layer_ids),
+        hint_targets=hint_targets, layer_weights=[], hint_weight=None,  # weights do not matter here
+    )
+    try:
+        targets = build_targets(spec)
+    except ValueError as error:
+        raise ExportInputError(
+            f"{path}: the distillation heads cannot be paired with teacher layers ({error}); the checkpoint "
+            f"was edited: export the checkpoint_*.pt written by training, unchanged"
+        ) from None
+    # stable: heads learning the same teacher layer keep the config's order
+    return sorted(targets, key=lambda target: list(target.teacher_layers))
+
 
 
 def _student_config(student_cfg: Mapping[str, Any], path: str) -> ThinHubertConfig:

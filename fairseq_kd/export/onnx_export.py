@@ -7,8 +7,9 @@
 The ONNX graph is translated from the same ``torch.export`` program as the standalone file
 (torch's dynamo-based exporter), so it has the same signature, dynamic batch and length, and the
 same rate policy: inputs ``wavs`` (B, S) float32 and ``lengths`` (B,) int64, outputs
-``hidden_states`` (L + 1, B, T, D) and ``frame_lengths`` (B,). The standalone file's JSON
-description is stored in the model's ``metadata_props`` under ``fairseq_kd.json``.
+``hidden_states`` (L + 1, B, T, D), or (N, B, T, teacher D) for a program exported with
+``--outputs heads``, and ``frame_lengths`` (B,). The standalone file's JSON description (``outputs``
+says which) is stored in the model's ``metadata_props`` under ``fairseq_kd.json``.
 
 Needs the ``export`` extra (``pip install 'fairseq_kd[export]'``: onnx, onnxscript, onnxruntime).
 """

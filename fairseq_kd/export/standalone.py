@@ -5,7 +5,8 @@
 """Standalone student files: a ``torch.export`` program that runs with torch alone.
 
 The program is the student's inference path (CNN, projection, positional convolution, time
-reduction, transformer layers; no masking, no dropout, no distillation heads) traced by
+reduction, transformer layers; no masking, no dropout; the distillation heads only with
+``outputs="heads"``, below) traced by
 ``torch.export`` with a dynamic batch size and a dynamic number of samples, and saved by
 ``torch.export.save`` with a JSON description (sample rate, normalisation, downsample rate,
 layer count and width, the student config, the source checkpoint) as an extra file. Loading it
@@ -17,6 +18,21 @@ frame_lengths (B,) int64)``. Rows are right-padded; ``lengths`` are the valid sa
 frames as the row would alone, except through the group-norm CNN of ``extractor_mode=default``
 (HuBERT Base's), which normalises over the padded samples too, exactly as the original model
 does when given the same padded batch. Frames beyond ``frame_lengths`` are zero.
+
+What ``hidden_states`` holds (``outputs`` in the metadata, ``fairseq-kd-export --outputs``), as each
+paper feeds SUPERB:
+
+- ``layers``: the student's own hidden states, the CNN/projection output then every transformer
+  layer (``L + 1`` of width D). STaRHuBERT (no heads), DistilHuBERT (its prediction heads are
+  dropped), fine-tuned students.
+- ``heads``: the distillation heads' outputs, one per teacher-layer target in teacher-layer order
+  (``N`` of the teacher's width; ``head_teacher_layers`` in the metadata names the teacher layer(s)
+  each one learnt): ARMHuBERT / MaskHuBERT feed SUPERB their 12 projection-head outputs. The heads
+  are computed by ``ThinHubertModel.forward`` itself (:func:`head_outputs`).
+
+The default (:func:`default_outputs`) follows the student's config: ``heads`` when it has a hint head
+on every transformer layer learning the teacher layer of the same depth (ARMHuBERT's 12 <-> 12),
+``layers`` otherwise.
 
 Rate policy for time-reduced students (``time_reduction_factor`` r > 1): **every hidden state is
 returned at the CNN rate** (320 samples per frame with HuBERT's CNN): a layer after the reduction
@@ -37,7 +53,9 @@ alternative of declaring 640 and returning only the reduced layers:
 
 The cost is downstream compute on repeated frames; the values at the reduced rate are recovered
 exactly as ``hidden_states[l][:, ::r]``. ``native_downsample_rates`` in the metadata records each
-layer's own rate.
+layer's own rate. Head outputs follow the same policy: a ``convt_linear`` head already up-samples to
+the CNN rate, a ``linear`` head on a reduced layer (and a prediction head on a reduced last layer)
+is repeated like its layer.
 """
 
 import datetime
@@ -45,18 +63,22 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from fairseq_kd.encoders.frames import receptive_field, reduced_lengths, repeat_frames, samples_per_frame
-from fairseq_kd.export.checkpoints import LoadedStudent
+from fairseq_kd.criterions.layer_distill import DistillTarget
+from fairseq_kd.export.checkpoints import ExportInputError, LoadedStudent
 from fairseq_kd.models.thin_hubert import ThinHubertModel
 from fairseq_kd.s3prl_upstream.runtime import FORMAT, FORMAT_VERSION, META_NAME
 
 PARITY_TOLERANCE = 1e-4  # max abs difference accepted between the program and the model (fp32)
+LAYERS, HEADS = "layers", "heads"
+OUTPUT_CHOICES = (LAYERS, HEADS)
+PROBE_SAMPLES = 16000  # a probe input long enough for >= 2 frames after any time reduction
 
 
 class SdpaSelfAttention(nn.Module):
@@ -118,13 +140,18 @@ class StudentEncoder(nn.Module):
     see an attribute assigned by a hook), ``required_seq_len_multiple`` set to 1 (its padding
     is masked and cut off again, so it never changes the outputs), fairseq's attention computed
     by :class:`SdpaSelfAttention`.
+
+    ``heads`` (the student's head targets, teacher-layer order): return those head outputs instead
+    of the hidden states; the student must have its heads.
     """
 
-    def __init__(self, student: ThinHubertModel) -> None:
+    def __init__(self, student: ThinHubertModel, heads: Optional[Sequence[DistillTarget]] = None) -> None:
         super().__init__()
         model = type(student)(student.cfg)
-        model.remove_pretraining_modules()
-        model.load_state_dict(student.state_dict(), strict=True)  # head keys are ignorable
+        self.heads = list(heads or [])
+        if not self.heads:
+            model.remove_pretraining_modules()
+        model.load_state_dict(student.state_dict(), strict=True)  # dropped heads' keys are ignorable
         model.eval()
         pos_conv = model.encoder.pos_conv[0]
         if hasattr(pos_conv, "weight_g"):
@@ -137,7 +164,8 @@ class StudentEncoder(nn.Module):
                 layer.self_attn = SdpaSelfAttention(layer.self_attn)
         self.model = model
         self.factor = int(model.cfg.time_reduction_factor)
-        self.reduced = [model.is_time_reduced(l) for l in range(len(model.encoder.layers) + 1)]
+        # each output's rate as a multiple of the CNN stride: repeated that often back to the CNN rate
+        self.factors = output_factors(model, self.heads or None)
         # spare all-padding frames after the CNN output: every layer keeps >= 2 frames, so the
         # traced graph never meets a length-1 sequence (which torch.export would specialise)
         self.spare_frames = self.factor
@@ -157,19 +185,105 @@ class StudentEncoder(nn.Module):
         frames = torch.arange(x.size(1), device=x.device)
         padding_mask = frames.unsqueeze(0) >= frame_lengths.unsqueeze(1)
         layers, _ = model.encoder(x, padding_mask)
-        outputs = []
-        for layer_id, hidden in enumerate([x] + layers):
-            factor = self.factor if self.reduced[layer_id] else 1
-            outputs.append(repeat_frames(hidden, factor, num_frames))
-        # hidden_states: (L + 1, B, T, D), zero beyond each row's frames
+        selected = [x] + layers
+        if self.heads:
+            # contiguous copies: a head's Linear on a transposed view makes torch.export
+            # specialise on B != 1 (as in SdpaSelfAttention)
+            selected = [h.clone(memory_format=torch.contiguous_format) for h in selected]
+            computed = head_outputs(model, {"x": selected[-1], "hidden_states": selected})
+            selected = [computed[target.kind][target.key] for target in self.heads]
+        outputs = [repeat_frames(hidden, factor, num_frames) for hidden, factor in zip(selected, self.factors)]
+        # hidden_states: (L + 1, B, T, D) or (N heads, B, T, teacher D), zero beyond each row's frames
         hidden_states = torch.stack(outputs)
         hidden_states = hidden_states.masked_fill(padding_mask[:, :num_frames].unsqueeze(-1), 0.0)
         return hidden_states, frame_lengths
 
 
+def head_outputs(model: ThinHubertModel, encoded: Dict[str, Any]) -> Dict[str, Dict[int, torch.Tensor]]:
+    """The distillation heads on already-encoded hidden states, computed by ``ThinHubertModel.forward``.
+
+    ``forward`` holds the one rule of the heads (which layer feeds which hint head, the up-sampling
+    heads' cut to the CNN length, the prediction head's split per teacher layer); it starts with
+    ``self.encode(...)``, so an instance attribute shadowing that method for the call hands it
+    ``encoded`` (the export's own padding-exact encoding) instead. Returns ``{"hints": {student
+    layer: (B, T_l or T, D_t)}, "preds": {teacher layer: (B, T', D_t)}}``.
+    """
+    model.encode = lambda *args, **kwargs: dict(encoded)
+    try:
+        result = model.forward(encoded["x"])
+    finally:
+        del model.encode
+    return {"hints": result["hints"], "preds": result["preds"]}
+
+
+def output_factors(model: ThinHubertModel, heads: Optional[Sequence[DistillTarget]] = None) -> List[int]:
+    """Each output's own rate as a multiple of the CNN stride (1, or the time reduction factor).
+
+    Layers: from ``is_time_reduced``. Heads: read off the model's own outputs on a probe (a head at
+    the CNN length is at the CNN rate), so the rate rule stays in ``forward`` alone.
+    """
+    factor = int(model.cfg.time_reduction_factor)
+    if not heads:
+        return [factor if model.is_time_reduced(l) else 1 for l in range(len(model.encoder.layers) + 1)]
+    if factor == 1:
+        return [1] * len(heads)
+    probe = torch.zeros(1, max(PROBE_SAMPLES, 2 * factor * min_samples(model)))
+    with torch.no_grad():
+        result = model(probe)
+    cnn_frames = result["hidden_states"][0].size(1)
+    return [1 if result[t.kind][t.key].size(1) == cnn_frames else factor for t in heads]
+
+
+def default_outputs(loaded: LoadedStudent) -> str:
+    """What the student's paper feeds SUPERB, read off its config (``fairseq-kd-export --outputs``).
+
+    ``heads`` for the masking-distillation students (criterion ``masked_hint``: ARMHuBERT,
+    ARMHuBERT-S, MaskHuBERT) that kept a hint head on every transformer layer, each learning the
+    teacher layer of the same depth alone: their SUPERB upstream returns
+    ``results['projections']``, the 12 projection-head outputs. ``layers`` otherwise: FitHuBERT
+    (its inference keeps only the last head, as ``final_proj``; SUPERB reads the layers),
+    STaRHuBERT (no heads), DistilHuBERT (prediction heads dropped for SUPERB), the Deep-vs-Wide
+    students, fine-tuned CTC checkpoints. See docs/ for the sources.
+    """
+    num_layers = len(loaded.model.encoder.layers)
+    pairs = [(t.kind, t.key, list(t.teacher_layers)) for t in loaded.head_targets]
+    one_to_one = [("hints", layer, [layer]) for layer in range(1, num_layers + 1)]
+    return HEADS if loaded.criterion == "masked_hint" and pairs == one_to_one else LAYERS
+
+
+def choose_outputs(loaded: LoadedStudent, requested: Optional[str] = None) -> str:
+    """``requested`` (or the student's default), refused with what to do when the student lacks heads."""
+    outputs = requested or default_outputs(loaded)
+    if outputs not in OUTPUT_CHOICES:
+        raise ExportInputError(f"--outputs {outputs!r}: choose one of {', '.join(OUTPUT_CHOICES)}")
+    if outputs == HEADS and not loaded.head_targets:
+        declared = loaded.model_cfg.get("hint_layer_ids") or loaded.model_cfg.get("pred_layer_ids")
+        if loaded.source == "distillation" and declared:  # an API caller's load_student(path)
+            raise ExportInputError(f"{loaded.path}: outputs=heads needs the heads: load it with "
+                                   f"load_student(path, keep_heads=True)")
+        if loaded.source != "distillation":
+            why = (f"it is a fine-tuned {loaded.source} checkpoint, which holds the encoder without the "
+                   f"distillation heads; export the distillation checkpoint it was fine-tuned from")
+        else:
+            why = ("its student has no distillation heads (model.hint_layer_ids and model.pred_layer_ids "
+                   "are empty, as for STaRHuBERT, which feeds SUPERB its layers)")
+        raise ExportInputError(
+            f"{loaded.path}: --outputs heads exports the distillation heads' outputs, but {why}; "
+            f"export the student's layers with --outputs layers"
+        )
+    return outputs
+
+
 def min_samples(model: ThinHubertModel) -> int:
     """The fewest samples that give one CNN frame (the CNN's receptive field: 400 for HuBERT's)."""
     return receptive_field(model.conv_specs)
+
+
+def sample_padding_mask(wavs: torch.Tensor, lengths: torch.Tensor) -> Optional[torch.Tensor]:
+    """(B, S) True = pad, as fairseq's fine-tuning code passes it: None when no row is padded."""
+    if not bool((lengths < wavs.size(1)).any()):
+        return None
+    return torch.arange(wavs.size(1)).unsqueeze(0) >= lengths.unsqueeze(1)
 
 
 def reference_hidden_states(model: ThinHubertModel, wavs: torch.Tensor, lengths: torch.Tensor) -> List[torch.Tensor]:
@@ -178,24 +292,35 @@ def reference_hidden_states(model: ThinHubertModel, wavs: torch.Tensor, lengths:
     Runs ``model.encode`` as fairseq's fine-tuning code does: with a sample-level padding mask
     when rows are padded, without one otherwise.
     """
-    padded = bool((lengths < wavs.size(1)).any())
-    padding_mask = None
-    if padded:
-        padding_mask = torch.arange(wavs.size(1)).unsqueeze(0) >= lengths.unsqueeze(1)
     with torch.no_grad():
-        return model.encode(wavs, padding_mask=padding_mask)["hidden_states"]
+        return model.encode(wavs, padding_mask=sample_padding_mask(wavs, lengths))["hidden_states"]
 
 
-def parity(model: ThinHubertModel, program: Any, wavs: torch.Tensor, lengths: torch.Tensor) -> float:
-    """Max abs difference over valid frames between ``program`` and the model, at each layer's own rate."""
+def reference_head_outputs(model: ThinHubertModel, heads: Sequence[DistillTarget], wavs: torch.Tensor,
+                           lengths: torch.Tensor) -> List[torch.Tensor]:
+    """The original model's head outputs (each at its own rate), in ``heads`` order: its eager ``forward``."""
+    with torch.no_grad():
+        result = model(wavs, padding_mask=sample_padding_mask(wavs, lengths))
+    return [result[target.kind][target.key] for target in heads]
+
+
+def parity(model: ThinHubertModel, program: Any, wavs: torch.Tensor, lengths: torch.Tensor,
+           heads: Optional[Sequence[DistillTarget]] = None) -> float:
+    """Max abs difference over valid frames between ``program`` and the model, at each output's own rate.
+
+    ``heads``: the program returns these head outputs (the model must have its heads); else the layers.
+    """
     with torch.no_grad():
         hidden_states, frame_lengths = program(wavs, lengths)
-    reference = reference_hidden_states(model, wavs, lengths)
-    factor = int(model.cfg.time_reduction_factor)
+    if heads:
+        reference = reference_head_outputs(model, heads, wavs, lengths)
+    else:
+        reference = reference_hidden_states(model, wavs, lengths)
+    if hidden_states.size(0) != len(reference):
+        raise RuntimeError(f"the program returns {hidden_states.size(0)} outputs, the model {len(reference)}")
     worst = 0.0
-    for layer_id, expected in enumerate(reference):
-        got = hidden_states[layer_id]
-        step = factor if model.is_time_reduced(layer_id) else 1
+    for output_id, (expected, step) in enumerate(zip(reference, output_factors(model, heads))):
+        got = hidden_states[output_id]
         for row, valid in enumerate(frame_lengths.tolist()):
             n = int(reduced_lengths(valid, step))  # the reduced frames the row keeps (an int)
             diff = (got[row, :valid:step] - expected[row, :n]).abs().max().item()
@@ -203,9 +328,11 @@ def parity(model: ThinHubertModel, program: Any, wavs: torch.Tensor, lengths: to
     return worst
 
 
-def export_program(student: ThinHubertModel, example_samples: int = 16000) -> Any:
-    """``torch.export`` the student with dynamic batch size and length (>= one CNN frame)."""
-    encoder = StudentEncoder(student).eval()
+def export_program(student: ThinHubertModel, example_samples: int = 16000,
+                   heads: Optional[Sequence[DistillTarget]] = None) -> Any:
+    """``torch.export`` the student with dynamic batch size and length (>= one CNN frame);
+    returning the ``heads`` outputs (:class:`StudentEncoder`) when given."""
+    encoder = StudentEncoder(student, heads).eval()
     wavs = torch.randn(2, example_samples, generator=torch.Generator().manual_seed(0))
     lengths = torch.tensor([example_samples, example_samples * 3 // 4])
     dynamic = torch.export.Dim.DYNAMIC
@@ -239,30 +366,34 @@ def check_ranges(program: Any, fewest_samples: int) -> None:
             )
 
 
-def metadata(loaded: LoadedStudent, program_device: str = "cpu") -> Dict[str, Any]:
+def metadata(loaded: LoadedStudent, program_device: str = "cpu", outputs: str = LAYERS) -> Dict[str, Any]:
     model = loaded.model
+    heads = loaded.head_targets if outputs == HEADS else []
     cnn_rate = samples_per_frame(model.conv_specs)
     factor = int(model.cfg.time_reduction_factor)
     num_layers = len(model.encoder.layers)
-    return {
+    factors = output_factors(model, heads)
+    width = model.cfg.teacher_embed_dim if heads else model.cfg.encoder_embed_dim
+    meta = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "sample_rate": loaded.sample_rate,
         "normalize": loaded.normalize,
+        "outputs": outputs,  # what hidden_states holds: the student's layers or its heads' outputs
         "downsample_rate": cnn_rate,
-        "native_downsample_rates": [
-            cnn_rate * factor if model.is_time_reduced(l) else cnn_rate for l in range(num_layers + 1)
-        ],
+        "native_downsample_rates": [cnn_rate * f for f in factors],
         "time_reduction_factor": factor,
-        "rate_policy": "upsampled" if factor > 1 else "native",
-        "num_hidden_states": num_layers + 1,
+        "rate_policy": "upsampled" if max(factors) > 1 else "native",
+        "num_hidden_states": len(factors),
         "num_layers": num_layers,
-        "hidden_size": int(model.cfg.encoder_embed_dim),
+        "hidden_size": int(width),
         "min_samples": min_samples(model),
         "inputs": {"wavs": "(B, S) float32", "lengths": "(B,) int64 valid samples"},
-        "outputs": {"hidden_states": "(L + 1, B, T, D)", "frame_lengths": "(B,) int64"},
+        "output_shapes": {"hidden_states": "(N, B, T, D)" if heads else "(L + 1, B, T, D)",
+                          "frame_lengths": "(B,) int64"},
         "device": program_device,
-        "parameters": ThinHubertModel.count_parameters(model, include_heads=False),
+        # what the program holds: ARMHuBERT's published count includes its heads
+        "parameters": ThinHubertModel.count_parameters(model, include_heads=bool(heads)),
         "source_checkpoint": os.path.abspath(loaded.path),
         "source_sha256": sha256(loaded.path),
         "source_kind": loaded.source,
@@ -270,6 +401,11 @@ def metadata(loaded: LoadedStudent, program_device: str = "cpu") -> Dict[str, An
         "torch_version": torch.__version__,
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
+    if heads:
+        meta["head_teacher_layers"] = [list(t.teacher_layers) for t in heads]  # mean of several if > 1
+        meta["head_sources"] = [f"hint head on student layer {t.key}" if t.kind == "hints" else
+                                f"prediction head (teacher layer {t.key}) on the last layer" for t in heads]
+    return meta
 
 
 def sha256(path: str) -> str:
@@ -291,9 +427,15 @@ def save_program(program: Any, meta: Dict[str, Any], output: str) -> None:
         os.replace(tmp_path, output)
 
 
-def export_standalone(loaded: LoadedStudent, output: str) -> Tuple[Any, Dict[str, Any], float]:
-    """Export, check against the model on a padded batch, save. Returns (program, metadata, max diff)."""
-    program = export_program(loaded.model)
+def export_standalone(loaded: LoadedStudent, output: str,
+                      outputs: Optional[str] = None) -> Tuple[Any, Dict[str, Any], float]:
+    """Export, check against the model on a padded batch, save. Returns (program, metadata, max diff).
+
+    ``outputs``: ``layers`` or ``heads`` (:func:`choose_outputs`; None = the student's default).
+    """
+    outputs = choose_outputs(loaded, outputs)
+    heads = loaded.head_targets if outputs == HEADS else None
+    program = export_program(loaded.model, heads=heads)
     module, gen = program.module(), torch.Generator().manual_seed(1)
     # a padded batch with a 0.05 s row, and 0.05 s alone (batch of one, 2 CNN frames)
     batches = [(torch.randn(3, 12345, generator=gen), torch.tensor([12345, 7000, 800])),
@@ -301,7 +443,7 @@ def export_standalone(loaded: LoadedStudent, output: str) -> Tuple[Any, Dict[str
     diff = 0.0
     for wavs, lengths in batches:
         try:
-            diff = max(diff, parity(loaded.model, module, wavs, lengths))
+            diff = max(diff, parity(loaded.model, module, wavs, lengths, heads))
         except AssertionError as error:  # a shape guard torch.export added (see export_program)
             raise RuntimeError(
                 f"the exported program rejects a batch of {tuple(wavs.shape)} ({error}); torch "
@@ -312,7 +454,7 @@ def export_standalone(loaded: LoadedStudent, output: str) -> Tuple[Any, Dict[str
             f"the exported program differs from the model by {diff:.3g} (> {PARITY_TOLERANCE}); "
             "nothing was written"
         )
-    meta = metadata(loaded)
+    meta = metadata(loaded, outputs=outputs)
     meta["export_check_max_abs_diff"] = diff
     save_program(program, meta, output)
     return program, meta, diff

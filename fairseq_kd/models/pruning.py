@@ -19,12 +19,20 @@ This module holds the pieces, on real fairseq modules:
 - ``target_sparsity`` / ``lagrangian_term`` / ``ascent_parameter``: the sparsity constraint;
 - ``attach_layer_masks`` / ``attach_conv_masks``: run a fairseq layer or CNN *masked*;
 - ``materialise_layer`` / ``materialise_conv_stack``: the smaller dense copy, mask values
-  folded into the weights, equal to the masked module to float tolerance.
+  folded into the weights, equal to the masked module to float tolerance;
+- ``set_attention_projections`` / ``resize_attention_heads``: the one rule for a fairseq
+  attention with ``h`` heads of the usual size (inner width ``h * head_dim`` != D), shared
+  by materialisation and ``thin_hubert``'s ``encoder_attention_heads_per_layer``;
+- ``attach_student_masks`` / ``materialise_student``: a whole masked ``thin_hubert`` student
+  and the ordinary per-layer-width ``thin_hubert`` (config fields + weights) it becomes,
+  marked ``pruning_materialised``; ``check_stage2_checkpoint`` refuses any other stage-2 start;
+  ``expected_student_params``: the (differentiable) expected size of such a masked student;
+- ``model_size`` / ``target_num_params``: DPHuBERT's size convention and the target size.
 """
 
 import copy
 import math
-from typing import Callable, List, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -231,6 +239,23 @@ def target_sparsity(num_updates: int, final_sparsity: float, warmup_updates: int
     return final_sparsity * min(1.0, num_updates / warmup_updates)
 
 
+def model_size(model: nn.Module) -> int:
+    """DPHuBERT's model size (``get_num_params`` of ``pyf98/DPHuBERT``) of a thin_hubert
+    student: every parameter but ``mask_emb`` (used only by masked fine-tuning; DPHuBERT's
+    model has none) and the distillation heads. Sparsity is measured against this count of
+    the full-copy student: HuBERT Base's is 94,370,944 (0.25 of it = 23.59 M)."""
+    from fairseq_kd.models.thin_hubert import ThinHubertModel
+
+    return ThinHubertModel.count_parameters(model, include_heads=False) - model.mask_emb.numel()
+
+
+def target_num_params(original_params: int, final_sparsity: float) -> float:
+    """The size the constraint drives the student to: ``(1 - s) * original_params``."""
+    if not 0.0 < final_sparsity < 1.0:
+        raise ValueError(f"target sparsity must be in (0, 1), got {final_sparsity}")
+    return (1.0 - final_sparsity) * original_params
+
+
 def expected_sparsity(expected_params: torch.Tensor, original_params: int) -> torch.Tensor:
     """``s_hat = 1 - E[params] / original params`` (of the prunable model)."""
     return 1.0 - expected_params / original_params
@@ -317,15 +342,18 @@ def attach_layer_masks(
 
 
 def attach_conv_masks(
-    extractor: ConvFeatureExtractionModel, masks: Sequence[MaskFn]
+    extractor: ConvFeatureExtractionModel, masks: Sequence[Optional[MaskFn]]
 ) -> List[RemovableHandle]:
-    """Scale each conv block's output channels (after GELU) by its mask, as DPHuBERT."""
+    """Scale each conv block's output channels (after GELU) by its mask, as DPHuBERT
+    (``None``: that layer is not masked)."""
     if len(masks) != len(extractor.conv_layers):
         raise ValueError(
             f"need one mask per conv layer ({len(extractor.conv_layers)}), got {len(masks)}"
         )
     handles = []
     for block, mask in zip(extractor.conv_layers, masks):
+        if mask is None:
+            continue
 
         def scale(_m: nn.Module, _i, out: torch.Tensor, mask: MaskFn = mask) -> torch.Tensor:
             return out * mask().to(out.dtype)[None, :, None]
@@ -365,25 +393,67 @@ def _select_linear(
     return new
 
 
+def set_attention_projections(
+    attn: MultiheadAttention, q_proj: nn.Linear, k_proj: nn.Linear, v_proj: nn.Linear,
+    out_proj: nn.Linear,
+) -> None:
+    """In place: give ``attn`` projections of inner width ``h * head_dim`` (Q/K/V:
+    ``D -> h * head_dim``, out_proj: ``h * head_dim -> D``), i.e. ``h`` heads of the size it
+    had. The one rule for a fairseq ``MultiheadAttention`` with fewer (or more) heads than
+    ``D / head_dim``: used by materialisation and by ``thin_hubert``'s per-layer head counts.
+
+    Like fairseq's own ``_adaptive_prune_heads``: ``embed_dim`` becomes the inner width and
+    the embed-dim check is skipped (query width != inner width; fairseq's module path then
+    runs instead of the fused one). ``head_dim`` and ``scaling`` stay.
+    """
+    hd, inner = attn.head_dim, q_proj.out_features
+    if inner < hd or inner % hd != 0:
+        raise ValueError(f"attention inner width {inner} is not a positive multiple of the "
+                         f"head size {hd}")
+    shapes = [(m.in_features, m.out_features) for m in (q_proj, k_proj, v_proj, out_proj)]
+    d = q_proj.in_features
+    if shapes != [(d, inner)] * 3 + [(inner, d)]:
+        raise ValueError(f"attention projections must be Q/K/V {d}->{inner} and out {inner}->{d}, "
+                         f"got {shapes}")
+    attn.q_proj, attn.k_proj, attn.v_proj, attn.out_proj = q_proj, k_proj, v_proj, out_proj
+    attn.num_heads = inner // hd
+    attn.embed_dim = inner
+    attn.skip_embed_dim_check = True
+
+
+def resize_attention_heads(attn: MultiheadAttention, num_heads: int) -> None:
+    """In place: fresh (untrained) projections for ``num_heads`` heads of ``attn.head_dim``
+    (``set_attention_projections``); the model's own initialisation runs afterwards."""
+    if num_heads < 1:
+        raise ValueError(f"an attention block needs >= 1 head, got {num_heads}")
+    d, inner = attn.q_proj.in_features, num_heads * attn.head_dim
+    w = attn.q_proj.weight
+    bias = attn.q_proj.bias is not None
+
+    def linear(n_in: int, n_out: int) -> nn.Linear:
+        return nn.Linear(n_in, n_out, bias=bias, device=w.device, dtype=w.dtype)
+
+    set_attention_projections(attn, linear(d, inner), linear(d, inner), linear(d, inner),
+                              linear(inner, d))
+
+
 def prune_attention_heads(attn: MultiheadAttention, head_mask: torch.Tensor) -> None:
     """In place: keep heads with ``head_mask != 0``; fold their mask values into the
     matching ``out_proj`` input columns (out_proj(sum_h m_h o_h) = sum_h (W_h m_h) o_h).
-
-    Like fairseq's own ``_adaptive_prune_heads``, the inner width becomes
-    ``kept * head_dim`` and the embed-dim check is skipped (query width != inner width).
+    The inner width becomes ``kept * head_dim`` (``set_attention_projections``).
     """
     _check_mask(head_mask, attn.num_heads, "head")
     heads = _kept(head_mask)
     hd = attn.head_dim
     index = (heads[:, None] * hd + torch.arange(hd, device=heads.device)).flatten()
     scale = head_mask.detach()[heads].repeat_interleave(hd)
-    attn.q_proj = _select_linear(attn.q_proj, out_index=index)
-    attn.k_proj = _select_linear(attn.k_proj, out_index=index)
-    attn.v_proj = _select_linear(attn.v_proj, out_index=index)
-    attn.out_proj = _select_linear(attn.out_proj, in_index=index, in_scale=scale)
-    attn.num_heads = int(heads.numel())
-    attn.embed_dim = attn.num_heads * hd
-    attn.skip_embed_dim_check = True
+    set_attention_projections(
+        attn,
+        _select_linear(attn.q_proj, out_index=index),
+        _select_linear(attn.k_proj, out_index=index),
+        _select_linear(attn.v_proj, out_index=index),
+        _select_linear(attn.out_proj, in_index=index, in_scale=scale),
+    )
 
 
 def prune_ffn_units(layer: TransformerSentenceEncoderLayer, unit_mask: torch.Tensor) -> None:
@@ -468,3 +538,243 @@ def materialise_conv_stack(
         block[0] = _select_conv(conv, index, prev_index, prev_scale)
         prev_index, prev_scale = index, mask.detach()[index]
     return new, prev_index, prev_scale
+
+
+# ---------------------------------------------------------------------------
+# whole students: a masked full-copy thin_hubert -> an ordinary per-layer-width thin_hubert
+
+MaskLike = Union[torch.Tensor, HardConcrete, MaskFn]
+MASK_PARAM = "log_alpha"  # HardConcrete's parameter: a state dict holding it is still masked
+
+
+def _mask_fn(mask: MaskLike) -> MaskFn:
+    return (lambda: mask) if isinstance(mask, torch.Tensor) else mask
+
+
+def _mask_value(mask: MaskLike) -> torch.Tensor:
+    """The mask materialisation folds in: HardConcrete's eval mask, whatever its mode."""
+    if isinstance(mask, HardConcrete):
+        return mask.deterministic()
+    return (mask() if callable(mask) else mask).detach()
+
+
+def _per_layer(masks: Optional[Sequence[Optional[MaskLike]]], n: int, what: str) -> List:
+    if masks is None:
+        return [None] * n
+    if len(masks) != n:
+        raise ValueError(f"need one {what} mask (or None) per layer ({n}), got {len(masks)}")
+    return list(masks)
+
+
+def _student_conv_masks(model: nn.Module, conv_masks: Optional[Sequence]) -> List:
+    n = len(model.feature_extractor.conv_layers)
+    masks = _per_layer(conv_masks, n, "CNN channel")
+    if masks[-1] is not None:
+        # materialise_conv_stack cannot fold it: a LayerNorm over channels follows
+        raise ValueError(
+            f"conv_masks[{n - 1}] must be None: the last CNN layer's channels feed the feature "
+            "LayerNorm over channels, whose statistics change when channels are removed, so "
+            "pruning them cannot be materialised exactly; prune the other CNN layers"
+        )
+    return masks
+
+
+def _check_student(model: nn.Module, head_masks: Optional[Sequence]) -> None:
+    pruned = head_masks is not None and any(m is not None for m in head_masks)
+    if pruned and getattr(model.encoder, "reuses", False):
+        raise ValueError(
+            "head masks on an attention-reuse student (model.reuse_pattern has False entries) "
+            "are not supported: a reusing layer applies the previous layer's attention map"
+        )
+
+
+def attach_student_masks(
+    model: nn.Module,
+    conv_masks: Optional[Sequence[Optional[MaskLike]]] = None,
+    head_masks: Optional[Sequence[Optional[MaskLike]]] = None,
+    unit_masks: Optional[Sequence[Optional[MaskLike]]] = None,
+) -> List[RemovableHandle]:
+    """Run a ``thin_hubert`` student masked (the stage-1 model of DPHuBERT): one mask or
+    ``None`` (not pruned) per CNN layer (the last must be None, see ``materialise_student``),
+    per transformer layer's heads and FFN units. Masks are tensors, ``HardConcrete`` modules
+    or callables (``attach_layer_masks`` / ``attach_conv_masks``). Returns the hook handles."""
+    conv = _student_conv_masks(model, conv_masks)
+    _check_student(model, head_masks)
+    layers = model.encoder.layers
+    heads = _per_layer(head_masks, len(layers), "head")
+    units = _per_layer(unit_masks, len(layers), "FFN unit")
+    handles = attach_conv_masks(
+        model.feature_extractor, [None if m is None else _mask_fn(m) for m in conv]
+    )
+    for layer, h, u in zip(layers, heads, units):
+        handles += attach_layer_masks(
+            layer, None if h is None else _mask_fn(h), None if u is None else _mask_fn(u)
+        )
+    return handles
+
+
+def _kept_count(mask: Optional[MaskLike], full: int) -> Count:
+    # differentiable expectation for HardConcrete, the real count for a fixed mask
+    if mask is None:
+        return full
+    if isinstance(mask, HardConcrete):
+        return mask.l0_norm()
+    return int((_mask_value(mask) != 0).sum())
+
+
+def expected_student_params(
+    model: nn.Module,
+    conv_masks: Optional[Sequence[Optional[MaskLike]]] = None,
+    head_masks: Optional[Sequence[Optional[MaskLike]]] = None,
+    unit_masks: Optional[Sequence[Optional[MaskLike]]] = None,
+) -> Count:
+    """(Expected) ``model_size`` of a masked ``thin_hubert`` student (masks as for
+    ``attach_student_masks``): ``HardConcrete`` masks count ``l0_norm()`` (differentiable,
+    what the Lagrangian term needs), fixed masks their non-zero entries, ``None`` all units.
+
+    Whatever pruning leaves alone (positional conv, encoder LayerNorm, a time-reduction
+    layer, ...) is the model's own size minus the formula at full size, so the count equals
+    ``model_size`` of the materialised student for fixed masks.
+    """
+    conv = _student_conv_masks(model, conv_masks)
+    _check_student(model, head_masks)
+    layers = model.encoder.layers
+    heads = _per_layer(head_masks, len(layers), "head")
+    units = _per_layer(unit_masks, len(layers), "FFN unit")
+    blocks = model.feature_extractor.conv_layers
+    kernels = [int(b[0].kernel_size[0]) for b in blocks]
+    conv_bias = blocks[0][0].bias is not None
+    full_conv = [int(b[0].out_channels) for b in blocks]
+    full_heads = [int(l.self_attn.num_heads) for l in layers]
+    full_units = [int(l.fc1.out_features) for l in layers]
+    d, head_dim = int(model.cfg.encoder_embed_dim), int(layers[0].self_attn.head_dim)
+    formula = expected_num_params(full_conv, kernels, full_heads, full_units, d, conv_bias, head_dim)
+    fixed = model_size(model) - int(formula)
+    return expected_num_params(
+        [_kept_count(m, n) for m, n in zip(conv, full_conv)], kernels,
+        [_kept_count(m, n) for m, n in zip(heads, full_heads)],
+        [_kept_count(m, n) for m, n in zip(units, full_units)],
+        d, conv_bias, head_dim, fixed=fixed,
+    )
+
+
+def _config_fields(cfg: Any) -> dict:
+    """The thin_hubert fields of a model's cfg (dataclass or OmegaConf), as plain python."""
+    from dataclasses import fields, is_dataclass
+
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(cfg, DictConfig):
+        plain = OmegaConf.to_container(cfg, resolve=True)
+    elif is_dataclass(cfg):
+        plain = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
+    else:
+        plain = dict(cfg)
+    plain.pop("_name", None)
+    return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in plain.items()}
+
+
+def _replace_prefix(state: dict, prefix: str, module: nn.Module) -> None:
+    for key in [k for k in state if k.startswith(prefix)]:
+        del state[key]
+    state.update({prefix + k: v for k, v in module.state_dict().items()})
+
+
+def materialise_student(
+    model: nn.Module,
+    conv_masks: Optional[Sequence[Optional[MaskLike]]] = None,
+    head_masks: Optional[Sequence[Optional[MaskLike]]] = None,
+    unit_masks: Optional[Sequence[Optional[MaskLike]]] = None,
+) -> Tuple[dict, dict]:
+    """Turn a masked ``thin_hubert`` student into an ordinary, smaller one.
+
+    Masks as for ``attach_student_masks`` (``HardConcrete`` modules give their deterministic
+    eval mask). Returns ``(fields, state_dict)``: the thin_hubert config fields (no
+    ``_name``) with the kept ``conv_channels``, ``encoder_attention_heads_per_layer``,
+    ``encoder_ffn_embed_dim_per_layer``, ``pruning_materialised=True`` and the
+    ``init_teacher_*`` flags off (the weights are the pruned ones: nothing may overwrite
+    them), and the weights of ``ThinHubertModel(ThinHubertConfig(**fields))`` (checked by a
+    strict load), equal to the masked model's outputs in eval mode to float tolerance.
+    HardConcrete parameters registered inside ``model`` are left out; the distillation heads
+    are kept (the final distillation uses them) unless ``model`` had them removed.
+    """
+    from fairseq_kd.models.thin_hubert import ThinHubertConfig, ThinHubertModel
+
+    conv = _student_conv_masks(model, conv_masks)
+    _check_student(model, head_masks)
+    layers = model.encoder.layers
+    heads = _per_layer(head_masks, len(layers), "head")
+    units = _per_layer(unit_masks, len(layers), "FFN unit")
+    masked = {n + "." for n, m in model.named_modules() if isinstance(m, HardConcrete)}
+    # copies: the result must not change if the masked model trains on
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()
+             if not any(k.startswith(p) for p in masked)}
+
+    blocks = model.feature_extractor.conv_layers
+    conv_values = [torch.ones(b[0].out_channels, device=b[0].weight.device) if m is None
+                   else _mask_value(m) for b, m in zip(blocks, conv)]
+    cnn, _, _ = materialise_conv_stack(model.feature_extractor, conv_values)
+    _replace_prefix(state, "feature_extractor.", cnn)
+
+    head_counts, ffn_dims = [], []
+    for i, (layer, h, u) in enumerate(zip(layers, heads, units)):
+        h = None if h is None else _mask_value(h)
+        u = None if u is None else _mask_value(u)
+        small = materialise_layer(layer, h, u) if h is not None or u is not None else layer
+        _replace_prefix(state, f"encoder.layers.{i}.", small)
+        head_counts.append(int(small.self_attn.num_heads))
+        ffn_dims.append(int(small.fc1.out_features))
+
+    fields = _config_fields(model.cfg)
+    if model.encoder.reuses:  # heads stay as they are (and per-layer heads cannot be reused)
+        head_counts = fields.get("encoder_attention_heads_per_layer")
+    fields.update(
+        conv_channels=[int(b[0].out_channels) for b in cnn.conv_layers],
+        encoder_attention_heads_per_layer=head_counts,
+        encoder_ffn_embed_dim_per_layer=ffn_dims,
+        pruning_materialised=True,
+        init_teacher_cnn=False,
+        init_teacher_pos_conv=False,
+        init_teacher_layers=0,
+    )
+    with torch.device("meta"):  # a shape check only: no memory, no initialisation
+        rebuilt = ThinHubertModel(ThinHubertConfig(**fields))
+    if model.hint_heads is None and model.pred_head is None:
+        rebuilt.remove_pretraining_modules()
+    # nn.Module's own: fairseq's override has no ``assign``, which meta parameters need
+    nn.Module.load_state_dict(rebuilt, state, strict=True, assign=True)
+    return fields, state
+
+
+def is_materialised(model_cfg: Any) -> bool:
+    """Whether a thin_hubert config (``cfg.model`` of a checkpoint) was written by
+    ``materialise_student`` (``model.pruning_materialised``)."""
+    if isinstance(model_cfg, Mapping):  # a dict or an OmegaConf DictConfig
+        return bool(model_cfg.get("pruning_materialised", False))
+    return bool(getattr(model_cfg, "pruning_materialised", False))
+
+
+def check_stage2_checkpoint(checkpoint: Mapping[str, Any], path: str = "the checkpoint") -> None:
+    """Structured pruning's stage 2 (the final distillation) continues only from a
+    materialised student: raise ``ValueError`` naming ``path`` otherwise.
+
+    ``checkpoint``: a loaded fairseq checkpoint (``cfg`` and ``model``). A stage-1 checkpoint
+    holds the full-size student and its HardConcrete masks (``*.log_alpha``), and lacks
+    ``model.pruning_materialised``.
+    """
+    model_cfg = (checkpoint.get("cfg") or {}).get("model") or {}
+    weights = checkpoint.get("model") or {}
+    fix = ("materialise it first (pruning.materialise_student with the stage-1 masks) and start "
+           "stage 2 from the checkpoint it gives")
+    name = model_cfg.get("_name")
+    if name != "thin_hubert":
+        raise ValueError(f"{path} does not hold a thin_hubert student (model {name!r}); stage 2 "
+                         f"of structured pruning starts from a materialised one: {fix}")
+    stray = sorted(k for k in weights if k.split(".")[-1] == MASK_PARAM)
+    if stray:
+        raise ValueError(f"{path} still holds {len(stray)} HardConcrete masks (e.g. {stray[0]}): "
+                         f"a stage-1 (masked, full-size) checkpoint; {fix}")
+    if not is_materialised(model_cfg):
+        raise ValueError(f"{path} was not materialised (model.pruning_materialised is false): "
+                         f"stage 2 of structured pruning continues from a pruned, materialised "
+                         f"student; {fix}")

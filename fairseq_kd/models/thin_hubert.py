@@ -12,6 +12,9 @@ One model covers the students of the distillation literature (see docs/papers.md
   per-layer hint heads (``hint_layer_ids``, ``hint_head_type: convt_linear``).
 - Deep-vs-Wide / DPHuBERT-style layer-to-layer students (``hint_head_type: linear``,
   optionally shared and identity-initialised heads).
+- Structurally pruned students (DPHuBERT, ``models/pruning.py``): layers may differ in head
+  count and FFN size (``encoder_attention_heads_per_layer``,
+  ``encoder_ffn_embed_dim_per_layer``) and the CNN layers in width (``conv_channels``).
 
 The encoder reuses fairseq's wav2vec2 modules, so parameter names and counts follow
 fairseq's ``HubertModel`` (``feature_extractor``, ``layer_norm``, ``post_extract_proj``,
@@ -70,6 +73,7 @@ from fairseq_kd.encoders.frames import (
     samples_per_frame,
     specs_from_fields,
 )
+from fairseq_kd.models.pruning import resize_attention_heads
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +128,36 @@ class ThinHubertConfig(FairseqDataclass):
         default=3072, metadata={"help": "encoder embedding dimension for FFN"}
     )
     encoder_attention_heads: int = field(
-        default=12, metadata={"help": "num encoder attention heads"}
+        default=12,
+        metadata={
+            "help": "num encoder attention heads; also fixes the head size, "
+            "encoder_embed_dim / encoder_attention_heads, of every layer"
+        },
+    )
+    # per-layer sizes: what structured pruning (models/pruning.py, DPHuBERT) leaves
+    encoder_attention_heads_per_layer: Optional[List[int]] = field(
+        default=None,
+        metadata={
+            "help": "heads of each transformer layer (one entry per layer, each >= 1), of "
+            "the size encoder_embed_dim / encoder_attention_heads, so a layer's attention "
+            "projects encoder_embed_dim -> heads * head size -> encoder_embed_dim; "
+            "None = encoder_attention_heads in every layer"
+        },
+    )
+    encoder_ffn_embed_dim_per_layer: Optional[List[int]] = field(
+        default=None,
+        metadata={
+            "help": "FFN size of each transformer layer (one entry per layer, each >= 1); "
+            "None = encoder_ffn_embed_dim in every layer"
+        },
+    )
+    pruning_materialised: bool = field(
+        default=False,
+        metadata={
+            "help": "set by pruning.materialise_student: the weights and per-layer sizes are "
+            "those of a pruned, materialised student (structured pruning's stage 2, the final "
+            "distillation, starts only from such a checkpoint)"
+        },
     )
     activation_fn: ChoiceEnum(utils.get_available_activation_fns()) = field(
         default="gelu", metadata={"help": "activation function to use"}
@@ -365,6 +398,7 @@ def check_config(cfg: ThinHubertConfig) -> None:
             f"got {cfg.time_reduction_layer}"
         )
     check_reuse_pattern(cfg)
+    check_layer_sizes(cfg)
     hint_ids = list(cfg.hint_layer_ids)
     if len(set(hint_ids)) != len(hint_ids):
         raise ValueError(f"hint_layer_ids has duplicates: {hint_ids}")
@@ -427,6 +461,71 @@ def check_reuse_pattern(cfg: Any) -> None:
             f"model.reuse_pattern[{at}] is False, but the time reduction "
             f"(model.time_reduction_layer={at}) changes the frame count before that layer, so "
             "the previous layer's attention map does not fit: it must be True"
+        )
+
+
+
+_PER_LAYER = {  # per-layer field -> the uniform field it replaces
+    "encoder_attention_heads_per_layer": "encoder_attention_heads",
+    "encoder_ffn_embed_dim_per_layer": "encoder_ffn_embed_dim",
+}
+
+
+def _per_layer(cfg: Any, key: str) -> List[int]:
+    """``model.<key>`` as ints, or the uniform field repeated (validated by check_layer_sizes)."""
+    values = _cfg_get(cfg, key, None)
+    if values is None:
+        return [int(_cfg_get(cfg, _PER_LAYER[key], 0))] * int(cfg.encoder_layers)
+    return [int(v) for v in values]
+
+
+def head_size(cfg: Any) -> int:
+    """Size of every attention head: encoder_embed_dim / encoder_attention_heads (64 for
+    HuBERT Base), whatever the per-layer head counts (pruning removes heads, not their width)."""
+    return int(cfg.encoder_embed_dim) // int(cfg.encoder_attention_heads)
+
+
+def layer_attention_heads(cfg: Any) -> List[int]:
+    """Heads of each transformer layer (``model.encoder_attention_heads_per_layer`` or uniform)."""
+    return _per_layer(cfg, "encoder_attention_heads_per_layer")
+
+
+def layer_ffn_dims(cfg: Any) -> List[int]:
+    """FFN size of each transformer layer (``model.encoder_ffn_embed_dim_per_layer`` or uniform)."""
+    return _per_layer(cfg, "encoder_ffn_embed_dim_per_layer")
+
+
+def check_layer_sizes(cfg: Any) -> None:
+    """Per-layer head counts / FFN sizes: one integer >= 1 per layer, and no attention reuse
+    with per-layer heads (a reusing layer applies its predecessor's map: same heads)."""
+    for key in _PER_LAYER:
+        raw = _cfg_get(cfg, key, None)
+        if raw is None:
+            continue
+        values = list(raw)
+        if len(values) != cfg.encoder_layers:
+            raise ValueError(
+                f"model.{key} has {len(values)} entries but model.encoder_layers is "
+                f"{cfg.encoder_layers}: give one entry per layer, or leave it unset (null) for "
+                f"model.{_PER_LAYER[key]} in every layer"
+            )
+        bad = {i: v for i, v in enumerate(values) if not isinstance(v, int) or v < 0}
+        if bad:
+            raise ValueError(f"model.{key} must hold non-negative integers, got {bad} (index: value)")
+        empty = [i for i, v in enumerate(values) if v == 0]
+        if empty:
+            # materialise_layer refuses an all-pruned block too: no module would remain
+            raise ValueError(
+                f"model.{key} is 0 for layer(s) {empty}: removing a whole attention or FFN "
+                "sub-layer is not supported, every layer needs >= 1 head and >= 1 FFN unit"
+            )
+    if _cfg_get(cfg, "encoder_attention_heads_per_layer", None) is not None and not all(
+        reuse_pattern(cfg)
+    ):
+        raise ValueError(
+            "model.encoder_attention_heads_per_layer cannot be combined with attention reuse "
+            "(model.reuse_pattern has False entries): a reusing layer applies the previous "
+            "layer's attention map, so its head count is not its own"
         )
 
 
@@ -636,7 +735,6 @@ class ThinTransformerEncoder(nn.Module):
         self.layer_norm = LayerNorm(self.embedding_dim)
         layer_args = dict(
             embedding_dim=self.embedding_dim,
-            ffn_embedding_dim=cfg.encoder_ffn_embed_dim,
             num_attention_heads=cfg.encoder_attention_heads,
             dropout=cfg.dropout,
             attention_dropout=cfg.attention_dropout,
@@ -649,10 +747,10 @@ class ThinTransformerEncoder(nn.Module):
         self.reuses = not all(self.reuse_pattern)
         self.layers = nn.ModuleList(
             [
-                ReuseTransformerLayer(computes=computes, **layer_args)
-                if self.reuses
-                else TransformerSentenceEncoderLayer(**layer_args)
-                for computes in self.reuse_pattern
+                self.build_layer(computes, heads, ffn, layer_args)
+                for computes, heads, ffn in zip(
+                    self.reuse_pattern, layer_attention_heads(cfg), layer_ffn_dims(cfg)
+                )
             ]
         )
         self.grad_multipliers = (
@@ -672,6 +770,17 @@ class ThinTransformerEncoder(nn.Module):
         )
         if self.layer_norm.weight.device.type != "meta":  # model_summary builds on meta
             self.apply(init_bert_params)
+
+    def build_layer(
+        self, computes: bool, heads: int, ffn: int, layer_args: Dict[str, Any]
+    ) -> nn.Module:
+        """One transformer layer of ``heads`` heads and FFN size ``ffn``."""
+        if self.reuses:
+            return ReuseTransformerLayer(computes=computes, ffn_embedding_dim=ffn, **layer_args)
+        layer = TransformerSentenceEncoderLayer(ffn_embedding_dim=ffn, **layer_args)
+        if heads != layer.self_attn.num_heads:  # a pruned layer: same head size, fewer heads
+            resize_attention_heads(layer.self_attn, heads)
+        return layer
 
     def reduce_time(
         self, x: torch.Tensor, padding_mask: Optional[torch.Tensor]
@@ -1141,12 +1250,13 @@ class ThinHubertModel(BaseFairseqModel):
         """Analytic multiply-accumulates for ``seconds`` of audio, by part (heads excluded).
 
         Frame counts are continuous (``seconds * rate``, edge effects ignored). Attention
-        counts the Q/K/V/out projections (4 D^2 per frame) plus scores and weighted sum
-        (2 T D per frame), so it grows with the utterance length.
+        counts the Q/K/V/out projections (4 D A per frame, A = heads * head size, D for an
+        unpruned layer) plus scores and weighted sum (2 T A per frame), so it grows with
+        the utterance length; the FFN 2 D F per frame, with each layer's own A and F.
         """
         cfg = as_thin_hubert_config(cfg)
         check_config(cfg)
-        D, F_ = cfg.encoder_embed_dim, cfg.encoder_ffn_embed_dim
+        D = cfg.encoder_embed_dim
         rate, c_in, cnn = float(sample_rate), 1, 0.0
         for c_out, k, s in zip(cfg.conv_channels, cfg.conv_kernels, cfg.conv_strides):
             rate /= s
@@ -1158,11 +1268,13 @@ class ThinHubertModel(BaseFairseqModel):
         r = cfg.time_reduction_factor
         reduction = (t_cnn / r) * D * D * r if r > 1 else 0.0
         layers = 0.0
-        for i, computes in enumerate(reuse_pattern(cfg)):
+        sizes = zip(reuse_pattern(cfg), layer_attention_heads(cfg), layer_ffn_dims(cfg))
+        for i, (computes, heads, F_) in enumerate(sizes):
             t = t_cnn / r if r > 1 and i >= cfg.time_reduction_layer else t_cnn
+            A = heads * head_size(cfg)
             # a reusing layer has no Q/K projections (the fused kernel recomputes Q K^T)
-            projections = 4 * D * D if computes else 2 * D * D
-            layers += t * (projections + 2 * t * D + 2 * D * F_)
+            projections = 4 * D * A if computes else 2 * D * A
+            layers += t * (projections + 2 * t * A + 2 * D * F_)
         return {
             "cnn": cnn,
             "post_extract_proj": proj,

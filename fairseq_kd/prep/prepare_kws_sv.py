@@ -42,6 +42,14 @@ as the valid split; every remaining speaker trains. ``--protocol identification`
 needs ``task.disjoint_speakers=false``; ``spk_accuracy`` is then the identification accuracy). No
 keyword labels: train with ``--config-name kws_sv_sv``.
 
+``view --data DIR --view keywords|speakers --dest OUT``: a keyword-only or a speaker-only view of
+a folder carrying both labels (the bundled ``manifests/keywords``), so that the two views stand in
+for two corpora (``task.data=KW,SPK``). The rows are split by speaker, per split, deterministically:
+every other labelled speaker in sorted order goes to the speaker view, the rest (and rows with no
+speaker label) to the keyword view, so the two views share no row and no speaker. The keyword view
+keeps ``.kw`` and ``dict.kw.txt`` (its ``.spk`` is all ``-``); the speaker view keeps ``.spk`` and
+the trials of ``trials.txt`` whose two utterances it holds (no ``.kw``, as a VoxCeleb folder).
+
 ``check --data DIR``: the checks the task makes before training (labels in the label set, label
 files in step with manifests, trial paths in the split, speaker-disjoint splits).
 
@@ -53,6 +61,8 @@ Usage::
     fairseq-kd-prepare-kws-sv speech-commands --root /data/speech_commands_v0.02 --dest data/sc12
     fairseq-kd-prepare-kws-sv speech-commands --root /data/speech_commands_v0.02 --protocol 35 --dest data/sc35
     fairseq-kd-prepare-kws-sv voxceleb1 --root /data/VoxCeleb1 --dest data/vox1
+    fairseq-kd-prepare-kws-sv view --data manifests/keywords --view keywords --dest data/mini_kw
+    fairseq-kd-prepare-kws-sv view --data manifests/keywords --view speakers --dest data/mini_spk
     fairseq-kd-prepare-kws-sv check --data manifests/keywords
 """
 
@@ -71,7 +81,10 @@ from typing import Dict, List, Optional, Sequence
 
 import soundfile as sf
 
-from fairseq_kd.data.kws_sv import NO_LABEL, KwsSvDataError, check_layout, read_trials
+from fairseq_kd.data.kws_sv import (
+    NO_LABEL, KwsSvDataError, check_layout, read_keywords, read_labels, read_trials, split_paths,
+)
+from fairseq_kd.data.manifest import read_manifest
 from fairseq_kd.prep.prepare_asr import PrepareError, atomic_path, check_conflicts, raise_problems, read_header
 
 logger = logging.getLogger(__name__)
@@ -410,6 +423,83 @@ def summary(dest: Path, splits: Dict[str, List[Row]], keywords: Optional[Sequenc
     if keywords is not None:
         print(f"{len(keywords)} keyword classes: {' '.join(keywords)}")
     print(f"wrote {dest}")
+
+
+# -- keyword-only / speaker-only views of one prepared folder -------------------------------------
+VIEWS = ("keywords", "speakers")
+
+
+def speaker_view_speakers(speakers: Sequence[str]) -> set:
+    """The speakers whose rows go to the speaker view: every other one of the split's labelled
+    speakers in sorted order (deterministic, half each; the views share no speaker)."""
+    ranked = sorted({s for s in speakers if s != NO_LABEL})
+    return set(ranked[1::2])
+
+
+def row_view(keyword: str, speaker: str, speaker_side: set) -> Optional[str]:
+    """Which view a row with these labels joins (None: it carries neither label)."""
+    if keyword == NO_LABEL and speaker == NO_LABEL:
+        return None
+    if speaker == NO_LABEL:  # e.g. _silence_ clips: only a keyword
+        return "keywords"
+    if keyword == NO_LABEL:
+        return "speakers"
+    return "speakers" if speaker in speaker_side else "keywords"
+
+
+def view_rows(data: Path, split: str, view: str) -> tuple:
+    """The audio root and the rows of ``split`` in ``view``, each keeping only that view's label."""
+    manifest, paths = split_paths(str(data), split)
+    root, manifest_rows = read_manifest(manifest)
+    keywords = read_labels(str(data), split, "kw", len(paths), "keyword")
+    speakers = read_labels(str(data), split, "spk", len(paths), "speaker")
+    side = speaker_view_speakers(speakers)
+    rows = []
+    for row, keyword, speaker in zip(manifest_rows, keywords, speakers):
+        if row_view(keyword, speaker, side) != view:
+            continue
+        rows.append(Row(row.path, row.num_samples, keyword if view == "keywords" else NO_LABEL,
+                        speaker if view == "speakers" else NO_LABEL))
+    return root.resolve(), rows
+
+
+def view_trials(data: Path, test_rows: Sequence[Row]) -> Optional[List[str]]:
+    """``trials.txt`` of the source restricted to trials whose two utterances are in the view."""
+    path = data / "trials.txt"
+    if not path.is_file():
+        return None  # the task then builds trials from the speaker labels
+    kept = {r.path for r in test_rows}
+    trials = [t for t in read_trials(str(path)) if t.a in kept and t.b in kept]
+    targets = sum(t.target for t in trials)
+    if targets == 0 or targets == len(trials):
+        raise PrepareError(
+            f"{path}: only {len(trials)} trial(s) ({targets} same-speaker) have both utterances in the speaker "
+            f"view's test split; an EER needs target and non-target trials (more test speakers needed)"
+        )
+    return [f"{t.target} {t.a} {t.b}" for t in trials]
+
+
+def prepare_view(args: argparse.Namespace) -> None:
+    """A keyword-only or speaker-only view of a folder carrying both labels (e.g. the bundled
+    keyword subset), so that two views with disjoint rows stand in for two corpora."""
+    data, dest = Path(args.data), Path(args.dest)
+    if data.resolve() == dest.resolve():
+        raise PrepareError(f"--dest {dest} is --data itself: write the view to another folder")
+    check_layout(str(data))  # the source must be a valid folder with both labels
+    keywords = read_keywords(str(data / "dict.kw.txt")) if args.view == "keywords" else None
+    roots, splits = set(), {}
+    for split in SPLITS:
+        root, rows = view_rows(data, split, args.view)
+        if not rows:
+            raise PrepareError(f"{data / f'{split}.tsv'}: no row of the {split} split goes to the {args.view} view")
+        roots.add(root)
+        splits[split] = rows
+    if len(roots) > 1:
+        raise PrepareError(f"the manifests of {data} have different audio roots ({', '.join(map(str, sorted(roots)))})")
+    trials = view_trials(data, splits["test"]) if args.view == "speakers" else None
+    check_conflicts(output_files(dest, keywords is not None, trials is not None), args.overwrite)
+    write_layout(dest, roots.pop(), splits, keywords, trials)
+    summary(dest, splits, keywords)
 
 
 # -- check -------------------------------------------------------------------------------------------

@@ -12,11 +12,15 @@ What s3prl's runners require of an upstream (docs/CONTRACTS.md 2.4), and how thi
 - ``forward(wavs)``: a list of 1-D 16 kHz waveforms, un-normalised; the expert applies
   ``F.layer_norm(wav, wav.shape)`` per utterance when the student was trained with
   ``task.normalize=true`` (as s3prl's hubert expert does), and zero-pads inputs shorter than
-  0.05 s (as ``S3PRLUpstream`` does). Returns ``hidden_states`` (list of B x T x D tensors, the
-  post-projection CNN feature then every transformer layer, all the same shape),
-  ``last_hidden_state`` and ``hidden_state_<i>`` for ``-s hidden_state_<i>``.
-- ``get_downsample_rates(key)``: samples per frame of every returned key (320 with HuBERT's CNN;
-  time-reduced layers are up-sampled back to that rate by the exported program).
+  0.05 s (as ``S3PRLUpstream`` does). Returns ``hidden_states`` (list of B x T x D tensors, all the
+  same shape): whatever the file holds (its metadata's ``outputs``, chosen by ``fairseq-kd-export
+  --outputs``): ``layers``, the post-projection CNN feature then every transformer layer
+  (STaRHuBERT's SUPERB input), or ``heads``, the distillation heads' outputs in teacher-layer order
+  (ARMHuBERT's 12 projection-head outputs); ``last_hidden_state`` and ``hidden_state_<i>`` for
+  ``-s hidden_state_<i>``.
+- ``get_downsample_rates(key)``: samples per frame of every returned key, the metadata's
+  ``downsample_rate`` (320 with HuBERT's CNN; time-reduced outputs are up-sampled back to that rate
+  by the exported program).
 - eval outputs are deterministic, and the number of hidden states is fixed (no layer drop).
 """
 
@@ -42,7 +46,7 @@ class UpstreamExpert(torch.nn.Module):
                 "describes itself): drop -g / model_config"
             )
         self.student = StandaloneStudent(ckpt)
-        self.name = "[fairseq_kd student]"
+        self.name = f"[fairseq_kd student: {self.student.outputs}]"
         self._keys = ["hidden_states", "last_hidden_state"] + [
             f"hidden_state_{i}" for i in range(self.student.num_hidden_states)
         ]

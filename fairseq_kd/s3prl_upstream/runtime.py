@@ -15,8 +15,11 @@ The file is a ``torch.export`` program saved by ``torch.export.save`` with a JSO
     -> hidden_states (L + 1, B, T, D), frame_lengths (B,) int64
 
 with ``hidden_states[0]`` the post-projection CNN feature and ``hidden_states[l]`` the output of
-transformer layer ``l``, all at the CNN frame rate (see ``fairseq_kd.export.standalone`` for the
-rate policy of time-reduced students) and zero beyond each row's ``frame_lengths``. Bare use::
+transformer layer ``l`` (``meta["outputs"] == "layers"``), or the N distillation heads' outputs in
+teacher-layer order, ``meta["head_teacher_layers"][i]`` the teacher layer(s) output ``i`` learnt
+(``"heads"``: ARMHuBERT's SUPERB input), all at the rate ``meta["downsample_rate"]`` says (see
+``fairseq_kd.export.standalone`` for the rate policy of time-reduced students) and zero beyond each
+row's ``frame_lengths``. Bare use::
 
     extra = {"fairseq_kd.json": ""}
     program = torch.export.load("student.pt2", extra_files=extra).module()
@@ -37,6 +40,8 @@ import torch
 import torch.nn.functional as F
 
 FORMAT = "fairseq_kd.standalone_student"
+# "outputs" (layers / heads) was added within version 1: a reader that ignores it still serves a
+# heads file correctly (num_hidden_states, hidden_size and downsample_rate describe what it holds)
 FORMAT_VERSION = 1
 META_NAME = "fairseq_kd.json"  # extra file inside the torch.export archive
 MIN_SECONDS = 0.05  # s3prl's S3PRLUpstream zero-pads shorter inputs to this (MIN_SECOND)
@@ -97,6 +102,11 @@ def check_metadata(meta: Dict[str, Any], path: str) -> Dict[str, Any]:
     return meta
 
 
+def output_kind(meta: Dict[str, Any]) -> str:
+    """``"layers"`` or ``"heads"``: what ``hidden_states`` holds (files written before the option: layers)."""
+    return "heads" if meta.get("outputs") == "heads" else "layers"
+
+
 def load_program(path: str) -> Tuple[Any, Dict[str, Any]]:
     """The ``torch.export.ExportedProgram`` and its checked metadata."""
     meta = read_metadata(path)
@@ -118,7 +128,8 @@ class StandaloneStudent(torch.nn.Module):
 
     ``wavs`` is a list of 1-D float tensors of raw (un-normalised) audio at ``sample_rate``;
     ``hidden_states`` is a list of ``num_hidden_states`` tensors (B, T, D), one frame per
-    ``downsample_rate`` samples, zero beyond ``frame_lengths`` (B,). Deterministic: the program
+    ``downsample_rate`` samples, zero beyond ``frame_lengths`` (B,): the student's layers or its
+    heads' outputs, whichever the file holds (``outputs``). Deterministic: the program
     was exported in eval mode (no dropout, no layer drop).
 
     The program's weights are not registered as parameters: the student is frozen, as in SUPERB's
@@ -133,6 +144,7 @@ class StandaloneStudent(torch.nn.Module):
         self.sample_rate = int(meta["sample_rate"])
         self.normalize = bool(meta["normalize"])
         self.downsample_rate = int(meta["downsample_rate"])
+        self.outputs = output_kind(meta)
         self.num_hidden_states = int(meta["num_hidden_states"])
         self.hidden_size = int(meta["hidden_size"])
         # pad shorter inputs to 0.05 s (as S3PRLUpstream does), never below one CNN frame
@@ -184,6 +196,6 @@ class StandaloneStudent(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return (
-            f"path={self.path!r}, layers={self.num_hidden_states}, dim={self.hidden_size}, "
+            f"path={self.path!r}, outputs={self.outputs}, count={self.num_hidden_states}, dim={self.hidden_size}, "
             f"downsample_rate={self.downsample_rate}, normalize={self.normalize}"
         )

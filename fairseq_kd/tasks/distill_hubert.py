@@ -37,7 +37,7 @@ from fairseq_kd.data.seeded_crops import seed_crops, task_crop_seed
 from fairseq_kd.distributed import check_replicas
 from fairseq_kd.encoders.hf import LAYER0_CHOICES, LAYER0_HELP
 from fairseq_kd.tasks.run_folder import FINGERPRINT_KEY, RunFolderConfig, check_run_folder, fingerprint
-from fairseq_kd.teacher import FrozenTeacher, TeacherError, check_layers
+from fairseq_kd.teacher import FrozenTeacher, TeacherError, check_layers, initialise_student
 
 logger = logging.getLogger(__name__)
 
@@ -179,13 +179,7 @@ class DistillHubertTask(AudioPretrainingTask):
             return model  # fine-tuning / decoding: never touch the teacher
         teacher = self.teacher
         check_student_against_teacher(model_cfg, teacher)
-        copied = model.init_from_teacher(
-            teacher.fairseq_state_dict(),
-            teacher.cfg.model,
-            init_cnn=model_cfg.init_teacher_cnn,
-            init_pos_conv=model_cfg.init_teacher_pos_conv,
-            init_layers=model_cfg.init_teacher_layers,
-        )
+        copied = initialise_student(model, model_cfg, teacher)
         if copied:
             logger.info(f"initialised {len(copied)} student tensors from the teacher")
         self.check_run_folder(model_cfg, model)
