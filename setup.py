@@ -195,6 +195,7 @@ setup(
             "fairseq-kd-family = fairseq_kd.cli.family:main",
             "fairseq-kd-analyze = fairseq_kd.cli.analyze:main",
             "fairseq-kd-cluster-layers = fairseq_kd.cli.cluster_layers:main",
+            "fairseq-kd-materialise = fairseq_kd.cli.materialise:main",
         ],
     },
     cmdclass=cmdclass,

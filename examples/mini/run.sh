@@ -27,6 +27,7 @@ DATA="$(cd "${DATA:-$REPO/manifests}" && pwd)"
 if [ "$QUICK" = 1 ]; then OUT="${OUT:-$REPO/runs/mini_quick}"; else OUT="${OUT:-$REPO/runs/mini}"; fi
 # updates per stage: teacher pre-training, distillation, fine-tuning
 if [ "$QUICK" = 1 ]; then U_TEACHER=150 U_DISTIL=100 U_FT=150; else U_TEACHER=1000 U_DISTIL=300 U_FT=600; fi
+LABELLED="${LABELLED:-0}"  # labelled training utterances for fine-tuning (0: all of train)
 BIN="$(dirname "$(command -v python)")"
 [ -x "$REPO/.venv/bin/fairseq-hydra-train" ] && BIN="$REPO/.venv/bin"
 CPU=(common.fp16=false distributed_training.distributed_world_size=1 dataset.num_workers=0)
@@ -39,10 +40,25 @@ finished() { [ -f "$OUT/$1/checkpoint_last.pt" ]; }
 train() {  # train NAME CONFIG OVERRIDES...: fairseq-hydra-train; full log in NAME.log, progress lines shown
   local name="$1" dir="$OUT/$1" config="$2"; shift 2
   if finished "$name"; then echo "[$name] done before: $dir"; return; fi
+  local max=0 arg
+  for arg in "$@"; do case "$arg" in optimization.max_update=*) max="${arg#*=}";; esac; done
   "$BIN/fairseq-hydra-train" --config-name "$config" "checkpoint.save_dir=$dir" "hydra.run.dir=$dir" \
     common.log_format=simple "$@" 2>&1 | tee "$dir.log" | grep --line-buffered -E "train_inner|\]\[valid\]|Error" \
-    | sed -u -E -e 's/^\[[^]]*\]\[(train_inner|valid)\]\[INFO\] - //' -e "s/^/[$name] /" || true
+    | sed -u -E -e 's/^\[[^]]*\]\[(train_inner|valid)\]\[INFO\] - //' -e "s/^/[$name] /" | eta "$max" || true
   finished "$name" || { echo "[$name] training failed; the end of $dir.log:"; tail -n 20 "$dir.log"; return 1; }
+}
+eta() {  # eta MAX_UPDATE: append the time left to each progress line, from its wall= and num_updates=
+  awk -v max="$1" '{
+    line = $0
+    if (max > 0 && match(line, /num_updates=[0-9]+/)) {
+      n = substr(line, RSTART + 12, RLENGTH - 12)
+      if (n > 0 && match(line, /wall=[0-9]+/)) {
+        w = substr(line, RSTART + 5, RLENGTH - 5)
+        line = sprintf("%s  [%d/%d updates, about %ds left]", line, n, max, w * (max - n) / n)
+      }
+    }
+    print line; fflush()
+  }'
 }
 side_by_side() {  # side_by_side "NAME CONFIG OVERRIDES..." ...: one process per run, one thread each
   local pids=() spec pid failed=0
@@ -77,8 +93,27 @@ side_by_side \
    model.encoder_attention_heads=4 model.conv_channels=[64,64,64,64,64,64,64]
    model.pred_layer_ids=[1,2,3] model.init_teacher_layers=1 model.conv_pos_groups=16"
 
+# labelled data for fine-tuning: LABELLED training utterances (every k-th one, all speakers), as in
+# the low-resource setups (Libri-light's 10 min / 1 h) where pre-training is what matters; the
+# teacher's pre-training and the distillation use all of train, unlabelled
+labelled_subset() {  # labelled_subset N: $OUT/labelled holds train (N rows), valid, test, dict.ltr.txt
+  local n="$1" dir="$OUT/labelled" total root k
+  total=$(($(wc -l < "$DATA/train.tsv") - 1))
+  if [ "$n" -le 0 ] || [ "$n" -ge "$total" ]; then FT_DATA="$DATA"; return; fi
+  k=$((total / n)); root="$(cd "$DATA" && cd "$(head -n 1 train.tsv)" && pwd)"
+  mkdir -p "$dir"
+  pick() { awk -v k="$k" -v n="$n" '(NR - 1) % k == 0 && c < n { print; c++ }' "$1"; }
+  { echo "$root"; tail -n +2 "$DATA/train.tsv" | pick /dev/stdin; } > "$dir/train.tsv"
+  for ext in ltr wrd; do pick "$DATA/train.$ext" > "$dir/train.$ext"; done
+  for f in valid.tsv valid.ltr valid.wrd test.tsv test.ltr test.wrd dict.ltr.txt; do  # set -f: no globs
+    [ -f "$DATA/$f" ] && ln -sf "$DATA/$f" "$dir/$f"
+  done
+  FT_DATA="$dir"
+}
+labelled_subset "$LABELLED"
+
 step "4/6 CTC fine-tuning of the teacher, both students and their undistilled twins (fairseq hubert_ctc, kd_audio_finetuning), $U_FT updates"
-FINETUNE="task.data=$DATA ${CPU[*]} optimization.max_update=$U_FT optimization.lr=[0.003]
+FINETUNE="task.data=$FT_DATA ${CPU[*]} optimization.max_update=$U_FT optimization.lr=[0.003]
   model.freeze_finetune_updates=0 model.mask_prob=0.25 model.mask_channel_prob=0.1
   model.mask_channel_length=4 model.layerdrop=0.0 dataset.max_tokens=160000
   dataset.validate_interval=1000 dataset.validate_interval_updates=$((U_FT / 3)) dataset.validate_after_updates=0

@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
     view.add_argument("--data", required=True, help="a prepared folder with .kw and .spk labels (e.g. manifests/keywords)")
     view.add_argument("--view", required=True, choices=list(VIEWS), help="which labels the view keeps")
     view.add_argument("--dest", required=True)
+    view.add_argument("--all-rows", action="store_true",
+                      help="no split: every row carrying the view's label (e.g. a keyword-only copy of data/sc12)")
     view.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     view.set_defaults(run=prepare_view)
 

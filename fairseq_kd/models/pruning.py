@@ -54,6 +54,10 @@ Count = Union[torch.Tensor, float, int]
 MaskFn = Callable[[], torch.Tensor]
 
 
+class PruningError(ValueError):
+    """A pruning setting or checkpoint that cannot be used; the message says how to fix it."""
+
+
 # ---------------------------------------------------------------------------
 # HardConcrete
 
@@ -104,24 +108,31 @@ class HardConcrete(nn.Module):
         # P(s > 0) = sigmoid(log_alpha - beta * log(-l / r))
         self.bias = -beta * math.log(-limit_l / limit_r)
 
+    def _log_alpha(self) -> torch.Tensor:
+        # float32 whatever the parameter's dtype: fairseq's fp16 training halves the
+        # criterion that holds the masks, and fp16 overflows the expected parameter count
+        # (products of kept counts) and rounds the sampling clamp 1 - eps to 1
+        return self.log_alpha.float()
+
     def l0_prob(self) -> torch.Tensor:
-        """P(mask != 0) per unit, differentiable in ``log_alpha``."""
-        return torch.sigmoid(self.log_alpha + self.bias)
+        """P(mask != 0) per unit, differentiable in ``log_alpha`` (float32)."""
+        return torch.sigmoid(self._log_alpha() + self.bias)
 
     def l0_norm(self) -> torch.Tensor:
         """Expected number of kept units (a 0-d tensor)."""
         return self.l0_prob().sum()
 
     def sample(self) -> torch.Tensor:
-        u = torch.rand_like(self.log_alpha).clamp(self.eps, 1.0 - self.eps)
-        s = torch.sigmoid((torch.log(u / (1.0 - u)) + self.log_alpha) / self.beta)
+        log_alpha = self._log_alpha()
+        u = torch.rand_like(log_alpha).clamp(self.eps, 1.0 - self.eps)
+        s = torch.sigmoid((torch.log(u / (1.0 - u)) + log_alpha) / self.beta)
         return (s * (self.limit_r - self.limit_l) + self.limit_l).clamp(0.0, 1.0)
 
     def deterministic(self) -> torch.Tensor:
         """DPHuBERT's eval mask (see the class docstring); no gradient."""
         with torch.no_grad():
             num_zeros = int(round(self.n - self.l0_norm().item()))
-            soft = torch.sigmoid(self.log_alpha / self.beta * 0.8)
+            soft = torch.sigmoid(self._log_alpha() / self.beta * 0.8)
             if num_zeros > 0:
                 soft[torch.topk(soft, k=num_zeros, largest=False).indices] = 0.0
         return soft
@@ -764,17 +775,20 @@ def check_stage2_checkpoint(checkpoint: Mapping[str, Any], path: str = "the chec
     """
     model_cfg = (checkpoint.get("cfg") or {}).get("model") or {}
     weights = checkpoint.get("model") or {}
-    fix = ("materialise it first (pruning.materialise_student with the stage-1 masks) and start "
-           "stage 2 from the checkpoint it gives")
+    criterion = checkpoint.get("criterion") or {}  # criterion=prune_distill keeps the masks there
+    fix = ("materialise it first (fairseq-kd-materialise STAGE1.pt OUT.pt, or "
+           "pruning.materialise_student with the stage-1 masks) and start stage 2 from the "
+           "checkpoint it gives")
     name = model_cfg.get("_name")
     if name != "thin_hubert":
-        raise ValueError(f"{path} does not hold a thin_hubert student (model {name!r}); stage 2 "
+        raise PruningError(f"{path} does not hold a thin_hubert student (model {name!r}); stage 2 "
                          f"of structured pruning starts from a materialised one: {fix}")
     stray = sorted(k for k in weights if k.split(".")[-1] == MASK_PARAM)
+    stray += sorted(f"criterion {k}" for k in criterion if k.split(".")[-1] == MASK_PARAM)
     if stray:
-        raise ValueError(f"{path} still holds {len(stray)} HardConcrete masks (e.g. {stray[0]}): "
+        raise PruningError(f"{path} still holds {len(stray)} HardConcrete masks (e.g. {stray[0]}): "
                          f"a stage-1 (masked, full-size) checkpoint; {fix}")
     if not is_materialised(model_cfg):
-        raise ValueError(f"{path} was not materialised (model.pruning_materialised is false): "
+        raise PruningError(f"{path} was not materialised (model.pruning_materialised is false): "
                          f"stage 2 of structured pruning continues from a pruned, materialised "
                          f"student; {fix}")

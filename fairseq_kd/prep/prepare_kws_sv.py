@@ -49,6 +49,9 @@ every other labelled speaker in sorted order goes to the speaker view, the rest 
 speaker label) to the keyword view, so the two views share no row and no speaker. The keyword view
 keeps ``.kw`` and ``dict.kw.txt`` (its ``.spk`` is all ``-``); the speaker view keeps ``.spk`` and
 the trials of ``trials.txt`` whose two utterances it holds (no ``.kw``, as a VoxCeleb folder).
+``--all-rows``: no split, every row carrying the view's label (e.g. a keyword-only copy of a
+prepared Speech Commands folder, whose speaker labels would otherwise join the speaker loss and
+its trials the EER when it is trained beside VoxCeleb).
 
 ``check --data DIR``: the checks the task makes before training (labels in the label set, label
 files in step with manifests, trial paths in the split, speaker-disjoint splits).
@@ -77,7 +80,7 @@ from collections import Counter, defaultdict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Set, Tuple
 
 import soundfile as sf
 
@@ -429,15 +432,23 @@ def summary(dest: Path, splits: Dict[str, List[Row]], keywords: Optional[Sequenc
 VIEWS = ("keywords", "speakers")
 
 
-def speaker_view_speakers(speakers: Sequence[str]) -> set:
+def speaker_view_speakers(speakers: Sequence[str]) -> Set[str]:
     """The speakers whose rows go to the speaker view: every other one of the split's labelled
     speakers in sorted order (deterministic, half each; the views share no speaker)."""
     ranked = sorted({s for s in speakers if s != NO_LABEL})
     return set(ranked[1::2])
 
 
-def row_view(keyword: str, speaker: str, speaker_side: set) -> Optional[str]:
-    """Which view a row with these labels joins (None: it carries neither label)."""
+def row_view(keyword: str, speaker: str, speaker_side: Optional[Set[str]], view: str) -> bool:
+    """Whether a row with these labels joins ``view``; ``speaker_side`` None: every row carrying
+    the view's label (no split), else the rows are split between the views by speaker."""
+    if speaker_side is None:
+        return (keyword if view == "keywords" else speaker) != NO_LABEL
+    return split_view(keyword, speaker, speaker_side) == view
+
+
+def split_view(keyword: str, speaker: str, speaker_side: Set[str]) -> Optional[str]:
+    """Which of the two disjoint views a row with these labels joins (None: it carries neither)."""
     if keyword == NO_LABEL and speaker == NO_LABEL:
         return None
     if speaker == NO_LABEL:  # e.g. _silence_ clips: only a keyword
@@ -447,16 +458,16 @@ def row_view(keyword: str, speaker: str, speaker_side: set) -> Optional[str]:
     return "speakers" if speaker in speaker_side else "keywords"
 
 
-def view_rows(data: Path, split: str, view: str) -> tuple:
+def view_rows(data: Path, split: str, view: str, all_rows: bool = False) -> Tuple[Path, List[Row]]:
     """The audio root and the rows of ``split`` in ``view``, each keeping only that view's label."""
     manifest, paths = split_paths(str(data), split)
     root, manifest_rows = read_manifest(manifest)
     keywords = read_labels(str(data), split, "kw", len(paths), "keyword")
     speakers = read_labels(str(data), split, "spk", len(paths), "speaker")
-    side = speaker_view_speakers(speakers)
+    side = None if all_rows else speaker_view_speakers(speakers)
     rows = []
     for row, keyword, speaker in zip(manifest_rows, keywords, speakers):
-        if row_view(keyword, speaker, side) != view:
+        if not row_view(keyword, speaker, side, view):
             continue
         rows.append(Row(row.path, row.num_samples, keyword if view == "keywords" else NO_LABEL,
                         speaker if view == "speakers" else NO_LABEL))
@@ -489,7 +500,7 @@ def prepare_view(args: argparse.Namespace) -> None:
     keywords = read_keywords(str(data / "dict.kw.txt")) if args.view == "keywords" else None
     roots, splits = set(), {}
     for split in SPLITS:
-        root, rows = view_rows(data, split, args.view)
+        root, rows = view_rows(data, split, args.view, getattr(args, "all_rows", False))
         if not rows:
             raise PrepareError(f"{data / f'{split}.tsv'}: no row of the {split} split goes to the {args.view} view")
         roots.add(root)

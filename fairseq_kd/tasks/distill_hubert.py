@@ -15,6 +15,12 @@ one model: each rank sums its student's parameters in float64, the sums are all-
 logs ``parameter checksums across N ranks: [...]`` and a difference stops training with an error.
 fairseq saves checkpoints on rank 0 only, so without this a diverged replica would go unnoticed.
 
+With ``init_student`` the student is not built from ``model`` but taken whole (config and weights)
+from a materialised structured-pruning checkpoint (``fairseq-kd-materialise``): DPHuBERT's stage 2,
+the final distillation. Its fields are written into ``cfg.model``, so every checkpoint of the run is
+an ordinary one of the pruned, per-layer-width student. The update number reaches a criterion that
+wants it (``prune_distill``'s sparsity ramp) through ``train_step``.
+
 With ``seeded_crops`` (default on) random crops are a function of (seed, epoch, utterance), not of
 numpy's global generator, so a run resumed from ``checkpoint_last.pt`` trains on exactly the data
 the uninterrupted run would have (fairseq already restores the batch order).
@@ -29,13 +35,14 @@ from typing import Optional
 from fairseq.dataclass import ChoiceEnum
 from fairseq.tasks import register_task
 from fairseq.tasks.audio_pretraining import AudioPretrainingConfig, AudioPretrainingTask
-from omegaconf import II, MISSING
+from omegaconf import II, MISSING, open_dict
 from omegaconf.errors import MissingMandatoryValue
 
 from fairseq_kd.data.audio_checks import ManifestCheckConfig, check_max_tokens, checked_split
 from fairseq_kd.data.seeded_crops import seed_crops, task_crop_seed
 from fairseq_kd.distributed import check_replicas
 from fairseq_kd.encoders.hf import LAYER0_CHOICES, LAYER0_HELP
+from fairseq_kd.models.pruning import PruningError, check_stage2_checkpoint
 from fairseq_kd.tasks.run_folder import FINGERPRINT_KEY, RunFolderConfig, check_run_folder, fingerprint
 from fairseq_kd.teacher import FrozenTeacher, TeacherError, check_layers, initialise_student
 
@@ -62,6 +69,16 @@ class DistillHubertConfig(AudioPretrainingConfig, ManifestCheckConfig, RunFolder
     teacher_dtype: TEACHER_DTYPE_CHOICES = field(
         default="fp32",
         metadata={"help": "dtype of the teacher's forward pass; its outputs are always float32"},
+    )
+    # structured pruning, stage 2
+    init_student: Optional[str] = field(
+        default=None,
+        metadata={
+            "help": "start from this materialised pruned student (fairseq-kd-materialise's output): its "
+            "cfg.model replaces every model.* field (the pruned per-layer widths; also dropouts and heads) "
+            "and its weights are loaded; a stage-1 or other non-materialised checkpoint is refused. "
+            "None = build the student from model.*"
+        },
     )
     # reproducibility
     seeded_crops: bool = field(
@@ -128,6 +145,12 @@ class DistillHubertTask(AudioPretrainingTask):
         check_max_tokens(dataset, max_tokens, self.cfg.sample_rate)
         return super().get_batch_iterator(dataset, max_tokens, *args, **kwargs)
 
+    def train_step(self, sample, model, criterion, optimizer, update_num, ignore_grad=False):
+        set_num_updates = getattr(criterion, "set_num_updates", None)  # prune_distill's target ramp
+        if callable(set_num_updates):
+            set_num_updates(update_num)
+        return super().train_step(sample, model, criterion, optimizer, update_num, ignore_grad)
+
     # -- distributed checks ----------------------------------------------------------------------
     def begin_valid_epoch(self, epoch, model):
         """fairseq's trainer calls this on every rank before each validation pass."""
@@ -177,11 +200,29 @@ class DistillHubertTask(AudioPretrainingTask):
         model = super().build_model(model_cfg, from_checkpoint)
         if from_checkpoint:
             return model  # fine-tuning / decoding: never touch the teacher
+        if self.cfg.init_student:
+            return self.build_init_student(model_cfg)
         teacher = self.teacher
         check_student_against_teacher(model_cfg, teacher)
         copied = initialise_student(model, model_cfg, teacher)
         if copied:
             logger.info(f"initialised {len(copied)} student tensors from the teacher")
+        self.check_run_folder(model_cfg, model)
+        return model
+
+    def build_init_student(self, model_cfg):
+        """``task.init_student``: the materialised student, its fields written into ``model_cfg``
+        (the run's ``cfg.model``, which every checkpoint of the run stores)."""
+        path = self.cfg.init_student
+        checkpoint = read_init_student(path)
+        check_distilled_outputs(model_cfg, checkpoint["cfg"]["model"], path)
+        with open_dict(model_cfg):
+            for key, value in checkpoint["cfg"]["model"].items():
+                model_cfg[key] = value
+        model = super().build_model(model_cfg, False)
+        model.load_state_dict(checkpoint["model"], strict=True, model_cfg=model_cfg)
+        check_student_against_teacher(model_cfg, self.teacher)
+        logger.info(f"student: the materialised pruned model of {path} (task.init_student)")
         self.check_run_folder(model_cfg, model)
         return model
 
@@ -194,6 +235,28 @@ class DistillHubertTask(AudioPretrainingTask):
         digest = fingerprint(path)
         self.state.merge_state_dict({FINGERPRINT_KEY: digest})
         check_run_folder(self.cfg, model_cfg, model, teacher_path=path, teacher_fingerprint=digest)
+
+
+def read_init_student(path: str) -> dict:
+    """A ``task.init_student`` checkpoint, checked to be a materialised student."""
+    from fairseq import checkpoint_utils
+
+    if not os.path.isfile(path):
+        raise PruningError(f"task.init_student={path}: no such file; give the checkpoint that "
+                           "fairseq-kd-materialise wrote")
+    checkpoint = checkpoint_utils.load_checkpoint_to_cpu(path)
+    check_stage2_checkpoint(checkpoint, f"task.init_student={path}")
+    return checkpoint
+
+
+def check_distilled_outputs(model_cfg, student_cfg, path: str) -> None:
+    """The criterion pairs teacher layers with ``model.hint_layer_ids`` / ``pred_layer_ids`` as the
+    run's config resolved them, so they must be the ``init_student`` checkpoint's own."""
+    for key in ("hint_layer_ids", "pred_layer_ids"):
+        given, own = list(model_cfg.get(key, None) or []), list(student_cfg.get(key, None) or [])
+        if given != own:
+            raise PruningError(f"model.{key}={given} but the student of task.init_student={path} has {own}: "
+                               f"set model.{key}={own} (the criterion distils the outputs the config names)")
 
 
 def _source(teacher: FrozenTeacher) -> str:
