@@ -578,7 +578,7 @@ def test_materialised_student_exports_to_standalone_onnx_and_s3prl(tmp_path, cap
 
 
 # -- the dphubert size ---------------------------------------------------------------------------
-DPHUBERT_RELEASED = 23_585_946  # pyf98/DPHuBERT's released DPHuBERT (../shared/docs/REFERENCE.md section 5)
+DPHUBERT_RELEASED = 23_585_946  # pyf98/DPHuBERT's released DPHuBERT (docs/papers.md, DPHuBERT)
 
 
 def test_dphubert_target_size_from_hubert_base():

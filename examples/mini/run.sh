@@ -16,6 +16,7 @@
 # (delete the folder to start over; FAIRSEQ_KD_VERBOSE=1: fairseq's INFO lines in the scripts too).
 #   bash examples/mini/run.sh            full run (runs/mini)
 #   bash examples/mini/run.sh --quick    every stage with fewer updates (runs/mini_quick)
+#   LABELLED=40 OUT=runs/mini_l40 bash examples/mini/run.sh   fine-tune on 40 labelled utterances
 #   OUT=dir DATA=manifest_dir bash examples/mini/run.sh   other folders
 set -euo pipefail
 set -f  # no globbing: overrides such as model.conv_channels=[32,64] are words, not patterns
@@ -27,7 +28,7 @@ DATA="$(cd "${DATA:-$REPO/manifests}" && pwd)"
 if [ "$QUICK" = 1 ]; then OUT="${OUT:-$REPO/runs/mini_quick}"; else OUT="${OUT:-$REPO/runs/mini}"; fi
 # updates per stage: teacher pre-training, distillation, fine-tuning
 if [ "$QUICK" = 1 ]; then U_TEACHER=150 U_DISTIL=100 U_FT=150; else U_TEACHER=1000 U_DISTIL=300 U_FT=600; fi
-LABELLED="${LABELLED:-0}"  # labelled training utterances for fine-tuning (0: all of train)
+LABELLED="${LABELLED:-0}"  # labelled training utterances for fine-tuning (0: all of train; use a fresh OUT)
 BIN="$(dirname "$(command -v python)")"
 [ -x "$REPO/.venv/bin/fairseq-hydra-train" ] && BIN="$REPO/.venv/bin"
 CPU=(common.fp16=false distributed_training.distributed_world_size=1 dataset.num_workers=0)
@@ -48,17 +49,17 @@ train() {  # train NAME CONFIG OVERRIDES...: fairseq-hydra-train; full log in NA
   finished "$name" || { echo "[$name] training failed; the end of $dir.log:"; tail -n 20 "$dir.log"; return 1; }
 }
 eta() {  # eta MAX_UPDATE: append the time left to each progress line, from its wall= and num_updates=
-  awk -v max="$1" '{
-    line = $0
-    if (max > 0 && match(line, /num_updates=[0-9]+/)) {
-      n = substr(line, RSTART + 12, RLENGTH - 12)
-      if (n > 0 && match(line, /wall=[0-9]+/)) {
-        w = substr(line, RSTART + 5, RLENGTH - 5)
-        line = sprintf("%s  [%d/%d updates, about %ds left]", line, n, max, w * (max - n) / n)
-      }
-    }
-    print line; fflush()
-  }'
+  local max="$1" line n w  # a read loop, not awk: mawk buffers its input and would show nothing live
+  while IFS= read -r line; do
+    if [ "$max" -gt 0 ] && [[ $line =~ num_updates=([0-9]+) ]]; then
+      n="${BASH_REMATCH[1]}"
+      if [ "$n" -gt 0 ] && [[ $line =~ [^_[:alnum:]]wall=([0-9]+) ]]; then
+        w="${BASH_REMATCH[1]}"
+        line="$line  [$n/$max updates, about $((w * (max - n) / n))s left]"
+      fi
+    fi
+    printf '%s\n' "$line"
+  done
 }
 side_by_side() {  # side_by_side "NAME CONFIG OVERRIDES..." ...: one process per run, one thread each
   local pids=() spec pid failed=0
@@ -103,11 +104,14 @@ labelled_subset() {  # labelled_subset N: $OUT/labelled holds train (N rows), va
   k=$((total / n)); root="$(cd "$DATA" && cd "$(head -n 1 train.tsv)" && pwd)"
   mkdir -p "$dir"
   pick() { awk -v k="$k" -v n="$n" '(NR - 1) % k == 0 && c < n { print; c++ }' "$1"; }
+  # manifests with the absolute audio root (fairseq reads a relative root from its working directory)
   { echo "$root"; tail -n +2 "$DATA/train.tsv" | pick /dev/stdin; } > "$dir/train.tsv"
   for ext in ltr wrd; do pick "$DATA/train.$ext" > "$dir/train.$ext"; done
-  for f in valid.tsv valid.ltr valid.wrd test.tsv test.ltr test.wrd dict.ltr.txt; do  # set -f: no globs
-    [ -f "$DATA/$f" ] && ln -sf "$DATA/$f" "$dir/$f"
+  for split in valid test; do
+    { (cd "$DATA" && cd "$(head -n 1 "$split.tsv")" && pwd); tail -n +2 "$DATA/$split.tsv"; } > "$dir/$split.tsv"
+    for ext in ltr wrd; do if [ -f "$DATA/$split.$ext" ]; then cp "$DATA/$split.$ext" "$dir/$split.$ext"; fi; done
   done
+  cp "$DATA/dict.ltr.txt" "$dir/dict.ltr.txt"
   FT_DATA="$dir"
 }
 labelled_subset "$LABELLED"
