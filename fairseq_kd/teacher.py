@@ -431,6 +431,11 @@ class HFTeacher(FrozenTeacher):
         return self.encoder.fairseq_state_dict()
 
 
+def copies_from_teacher(model_cfg: Any) -> bool:
+    """Whether :func:`initialise_student` copies anything for this student config."""
+    return bool(model_cfg.init_teacher_cnn or model_cfg.init_teacher_pos_conv or model_cfg.init_teacher_layers)
+
+
 def initialise_student(student: nn.Module, model_cfg: Any, teacher: FrozenTeacher) -> List[str]:
     """Copy into a freshly built student what its config takes from the teacher
     (``init_teacher_cnn``, ``init_teacher_pos_conv``, ``init_teacher_layers``): the starting point
@@ -445,4 +450,4 @@ def initialise_student(student: nn.Module, model_cfg: Any, teacher: FrozenTeache
     )
 
 
-__all__ = ["FrozenTeacher", "HFTeacher", "TeacherError", "check_layers", "initialise_student"]
+__all__ = ["FrozenTeacher", "HFTeacher", "TeacherError", "check_layers", "copies_from_teacher", "initialise_student"]

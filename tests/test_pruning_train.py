@@ -162,7 +162,11 @@ def test_materialise_refuses_bad_checkpoints(stage1, tmp_path, capsys):
     def bad_target(state):
         state["cfg"].criterion.target_sparsity = 1.5
 
-    cases = [(edited("plain.pt", no_masks), r"plain\.pt holds no pruning masks \(criterion 'layer_distill', "
+    text = tmp_path / "notes.pt"
+    text.write_text("not a checkpoint\n")
+    cases = [(tmp_path / "missing.pt", r"missing\.pt does not exist; give a stage-1 checkpoint"),
+             (text, r"notes\.pt is not a PyTorch checkpoint"),
+             (edited("plain.pt", no_masks), r"plain\.pt holds no pruning masks \(criterion 'layer_distill', "
                                             r"0 HardConcrete masks"),
              (edited("target.pt", bad_target), r"target\.pt: criterion\.target_sparsity=1\.5 must be in \(0, 1\)")]
     for path, message in cases:

@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "CNN/projection output and every transformer layer (STaRHuBERT's, DistilHuBERT's SUPERB "
                         "input); heads = the distillation heads' outputs, one per teacher layer in teacher-layer "
                         "order (ARMHuBERT's / MaskHuBERT's: the 12 projection-head outputs). Default: heads for a "
-                        "student with a hint head on every layer learning the teacher layer of the same depth, "
-                        "else layers")
+                        "masking-distillation student (criterion=masked_hint) with a hint head on every layer "
+                        "learning the teacher layer of the same depth, else layers (FitHuBERT included)")
     p.add_argument("--onnx", default=None, metavar="FILE", help="also write an ONNX model here")
     p.add_argument("--int8", default=None, metavar="FILE",
                    help="also write onnxruntime's dynamic int8 quantisation of the ONNX model here (needs --onnx), "

@@ -38,14 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def read_stage1(path: str) -> Dict[str, Any]:
-    """The checkpoint, checked to hold a thin_hubert student and prune_distill's masks."""
-    from fairseq import checkpoint_utils
+    """The checkpoint (the project's checked reader), checked to hold a thin_hubert student and
+    prune_distill's masks."""
+    from fairseq_kd.encoders.pretrained import read_checkpoint
 
-    if not os.path.isfile(path):
-        raise MaterialiseError(f"{path}: no such file; give a stage-1 checkpoint of criterion=prune_distill")
-    state = checkpoint_utils.load_checkpoint_to_cpu(path)
-    cfg = state.get("cfg")
-    model_name = cfg.model.get("_name") if cfg is not None else None
+    state = read_checkpoint(path, path, "give a stage-1 checkpoint of criterion=prune_distill", MaterialiseError)
+    cfg = state["cfg"]
+    model_name = cfg.model.get("_name")
     if model_name != "thin_hubert":
         raise MaterialiseError(f"{path} does not hold a thin_hubert student (model {model_name!r}): give a "
                                "stage-1 checkpoint of criterion=prune_distill")

@@ -133,13 +133,13 @@ def initial_similarity(students, teacher, manifest: Path) -> Dict[str, Dict[str,
     parts copied as its config says), and ``"random"``, of its architecture at random
     initialisation (the undistilled twin's starting point; the same student when nothing is copied)."""
     from fairseq_kd.evaluation.similarity import initialised_student, similarity_to_teacher
+    from fairseq_kd.teacher import copies_from_teacher
 
     out = {}
     for name, (_, cfg) in students.items():
         random = similarity_to_teacher(initialised_student(cfg), cfg, teacher, str(manifest))
-        copies = cfg.model.init_teacher_cnn or cfg.model.init_teacher_pos_conv or cfg.model.init_teacher_layers
         update0 = (similarity_to_teacher(initialised_student(cfg, teacher), cfg, teacher, str(manifest))
-                   if copies else random)
+                   if copies_from_teacher(cfg.model) else random)
         out[name] = {"update0": update0, "random": random}
     return out
 
@@ -327,11 +327,9 @@ def plot_results(rows: Dict[str, Dict[str, Any]], split: str, out: Path) -> None
 # -- the report ------------------------------------------------------------------------------------
 def build_report(run: Path, data: Path, split: str, repeats: int) -> Dict[str, Any]:
     names = [TEACHER, *[s for s in STUDENTS if (run / s / "checkpoint_last.pt").is_file()]]
-    logs = {name: parse_log(run / f"{name}.log") for name in names}
-    logs.update({f"ft_{name}": parse_log(run / f"ft_{name}.log") for name in names})
-
     twins = [s + UNDISTILLED for s in names[1:] if (run / f"ft_{s}{UNDISTILLED}.log").is_file()]
-    logs.update({f"ft_{name}": parse_log(run / f"ft_{name}.log") for name in twins})
+    logs = {name: parse_log(run / f"{name}.log") for name in names}
+    logs.update({f"ft_{name}": parse_log(run / f"ft_{name}.log") for name in [*names, *twins]})
 
     teacher, students = load_encoders(run)
     sims = similarity(students, teacher, data / "valid.tsv")

@@ -30,9 +30,10 @@ paper feeds SUPERB:
   each one learnt): ARMHuBERT / MaskHuBERT feed SUPERB their 12 projection-head outputs. The heads
   are computed by ``ThinHubertModel.forward`` itself (:func:`head_outputs`).
 
-The default (:func:`default_outputs`) follows the student's config: ``heads`` when it has a hint head
-on every transformer layer learning the teacher layer of the same depth (ARMHuBERT's 12 <-> 12),
-``layers`` otherwise.
+The default (:func:`default_outputs`) follows the student's config: ``heads`` for a
+masking-distillation student (``criterion=masked_hint``) with a hint head on every transformer layer
+learning the teacher layer of the same depth (ARMHuBERT's / MaskHuBERT's 12 <-> 12), ``layers``
+otherwise.
 
 Rate policy for time-reduced students (``time_reduction_factor`` r > 1): **every hidden state is
 returned at the CNN rate** (320 samples per frame with HuBERT's CNN): a layer after the reduction

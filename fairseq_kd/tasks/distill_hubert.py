@@ -42,6 +42,7 @@ from fairseq_kd.data.audio_checks import ManifestCheckConfig, check_max_tokens, 
 from fairseq_kd.data.seeded_crops import seed_crops, task_crop_seed
 from fairseq_kd.distributed import check_replicas
 from fairseq_kd.encoders.hf import LAYER0_CHOICES, LAYER0_HELP
+from fairseq_kd.encoders.pretrained import read_checkpoint
 from fairseq_kd.models.pruning import PruningError, check_stage2_checkpoint
 from fairseq_kd.tasks.run_folder import FINGERPRINT_KEY, RunFolderConfig, check_run_folder, fingerprint
 from fairseq_kd.teacher import FrozenTeacher, TeacherError, check_layers, initialise_student
@@ -238,13 +239,10 @@ class DistillHubertTask(AudioPretrainingTask):
 
 
 def read_init_student(path: str) -> dict:
-    """A ``task.init_student`` checkpoint, checked to be a materialised student."""
-    from fairseq import checkpoint_utils
-
-    if not os.path.isfile(path):
-        raise PruningError(f"task.init_student={path}: no such file; give the checkpoint that "
-                           "fairseq-kd-materialise wrote")
-    checkpoint = checkpoint_utils.load_checkpoint_to_cpu(path)
+    """A ``task.init_student`` checkpoint (the project's checked reader), checked to be a
+    materialised student."""
+    checkpoint = read_checkpoint(path, f"task.init_student={path}",
+                                 "give the checkpoint that fairseq-kd-materialise wrote", PruningError)
     check_stage2_checkpoint(checkpoint, f"task.init_student={path}")
     return checkpoint
 
