@@ -436,13 +436,16 @@ def test_prepare_voxceleb1(tmp_path, capsys):
 
     root = fake_voxceleb1(tmp_path / "vox")
     dest = tmp_path / "vox1"
-    assert main(["voxceleb1", "--root", str(root), "--dest", str(dest), "--valid-speakers", "1"]) == 0
+    # one validation speaker gives no different-speaker trial (no EER): refused, nothing written
+    assert main(["voxceleb1", "--root", str(root), "--dest", str(dest), "--valid-speakers", "1"]) == 2
+    assert "--valid-speakers 1" in capsys.readouterr().err and not dest.exists()
+    assert main(["voxceleb1", "--root", str(root), "--dest", str(dest), "--valid-speakers", "2"]) == 0
     assert _lines(dest / "trials.txt") == _lines(root / "veri_test2.txt")
     assert set(_lines(dest / "test.spk")) == {"id10004", "id10005"} and len(_lines(dest / "test.spk")) == 7
     valid, train = set(_lines(dest / "valid.spk")), set(_lines(dest / "train.spk"))
-    assert len(valid) == 1 and len(train) == 3 and not valid & train and not train & {"id10004", "id10005"}
+    assert len(valid) == 2 and len(train) == 2 and not valid & train and not train & {"id10004", "id10005"}
     assert not (dest / "train.kw").exists()
-    assert check_layout(str(dest), kws=False) == {"train": 12, "valid": 4, "test": 7}
+    assert check_layout(str(dest), kws=False) == {"train": 8, "valid": 8, "test": 7}
     # identification: iden_split.txt's three splits over the same speakers
     iden = tmp_path / "iden"
     assert main(["voxceleb1", "--root", str(root), "--dest", str(iden), "--protocol", "identification"]) == 0

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import CPU, compose_preset, console_script, json_logs
+from conftest import CPU, REPO, compose_preset, console_script, json_logs
 from fairseq_checkpoints import make_hubert_checkpoint
 from test_kws_sv import KEYWORDS, SMALL_HEADS, TINY_CONV, build
 
@@ -146,6 +146,16 @@ def test_zero_ratio_for_a_weighted_corpus_is_refused(base_cfg, encoder_ckpt, vie
         build(base_cfg, {"model.w2v_path": str(encoder_ckpt), "task.corpus_ratios": [1.0, 0.0]}, splits=())
 
 
+def test_validation_speakers_without_different_speaker_trials_are_refused(base_cfg, encoder_ckpt, views, tmp_path):
+    """One validation speaker gives only same-speaker trials: the EER (and checkpoint_best by
+    joint_error) would be null at every validation; refused when the split loads, file named."""
+    from fairseq_kd.data.kws_sv import KwsSvDataError
+
+    spk = write_view(tmp_path / "spk", "spk", {"valid.spk": ["spk999"] * len(_lines(views["spk"] / "valid.spk"))})
+    with pytest.raises(KwsSvDataError, match=r"spk/valid\.spk: the valid split's 1 speaker\(s\) give no non-target trial"):
+        build(base_cfg, {"model.w2v_path": str(encoder_ckpt), "task.data": f"{views['kw']},{spk}"}, splits=("valid",))
+
+
 def test_trial_speakers_seen_in_the_corpus_training_split_are_refused(base_cfg, encoder_ckpt, views, tmp_path):
     from fairseq_kd.data.kws_sv import KwsSvDataError
 
@@ -245,3 +255,48 @@ def test_joint_run_on_the_two_views_beats_chance_on_both_tasks(prepared_views, t
     assert test["kws_utterances"] == 40 and test["trials"] == 210, test
     assert test["kws_accuracy"] >= 25.0, test
     assert test["eer"] <= 40.0, test
+
+
+# -- the recipe on two corpora in the public layouts: examples/kws_sv/run.sh KWS_DATA=.. SV_DATA=.. --
+def test_recipe_on_prepared_speech_commands_and_voxceleb(tmp_path):
+    """Fake Speech Commands and VoxCeleb1 folders in their public layouts, prepared by
+    ``fairseq-kd-prepare-kws-sv`` (Speech Commands made keyword-only with ``view --all-rows``);
+    ``examples/kws_sv/run.sh`` with ``KWS_DATA`` / ``SV_DATA`` trains the four joint runs on the two
+    corpora and evaluates each task on its own corpus' test split; then the encoder file is deleted
+    and one checkpoint evaluated again from itself alone gives the same figures."""
+    from fairseq_kd.cli.eval_kws_sv import main as evaluate
+    from fairseq_kd.cli.prepare_kws_sv import main as prepare
+    from test_kws_sv import fake_speech_commands, fake_voxceleb1
+
+    sc, vox = fake_speech_commands(tmp_path / "speech_commands"), fake_voxceleb1(tmp_path / "VoxCeleb1")
+    data = tmp_path / "data"
+    assert prepare(["speech-commands", "--root", str(sc), "--dest", str(data / "sc12")]) == 0
+    assert prepare(["view", "--data", str(data / "sc12"), "--view", "keywords", "--all-rows",
+                    "--dest", str(data / "sc12_kw")]) == 0
+    assert prepare(["voxceleb1", "--root", str(vox), "--dest", str(data / "vox1"), "--valid-speakers", "2"]) == 0
+    encoder = make_hubert_checkpoint(tmp_path / "hubert.pt", conv_layers=TINY_CONV)
+    out = tmp_path / "recipe"
+    env = {**os.environ, "PATH": f"{Path(console_script('fairseq-hydra-train')).parent}{os.pathsep}{os.environ['PATH']}",
+           "KWS_DATA": str(data / "sc12_kw"), "SV_DATA": str(data / "vox1"), "TEACHER": str(encoder),
+           "STUDENT": str(encoder), "UPDATES": "4", "OUT": str(out), "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run(["bash", str(REPO / "examples" / "kws_sv" / "run.sh")], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=400)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+
+    keyword_rows = [k for k in _lines(data / "sc12_kw" / "test.kw") if k != "-"]
+    trials = _lines(data / "vox1" / "trials.txt")
+    table = [line for line in _lines(out / "results.md") if line.startswith("| teacher") or line.startswith("| student")]
+    assert len(table) == 4, _lines(out / "results.md")
+    for name in ("teacher_frozen", "teacher_finetuned", "student_frozen", "student_finetuned"):
+        test = json.loads((out / name / "checkpoint_best.test.json").read_text())
+        # keywords scored on Speech Commands' test split only, EER on VoxCeleb's trial list only
+        assert test["kws_utterances"] == len(keyword_rows) and test["trials"] == len(trials), (name, test)
+        assert 0.0 <= test["kws_accuracy"] <= 100.0 and 0.0 <= test["eer"] <= 100.0, (name, test)
+    encoder.unlink()
+    first = json.loads((out / "teacher_finetuned" / "checkpoint_best.test.json").read_text())
+    checkpoint = out / "teacher_finetuned" / "checkpoint_best.pt"
+    assert evaluate([str(checkpoint), "--data", f"{data / 'sc12_kw'},{data / 'vox1'}", "--split", "test", "--cpu",
+                     "--results-path", str(tmp_path / "again")]) == 0
+    again = json.loads((tmp_path / "again" / "checkpoint_best.test.json").read_text())
+    for key in ("kws_accuracy", "eer", "min_dcf", "kws_utterances", "trials"):
+        assert again[key] == pytest.approx(first[key], abs=1e-6), key

@@ -380,6 +380,9 @@ def prepare_voxceleb1(args: argparse.Namespace) -> None:
         test = sorted({p for t in trials for p in (t.a, t.b)})
         test_speakers = {vox_speaker(p) for p in test}
         dev_speakers = sorted({vox_speaker(u) for u in utterances} - test_speakers)
+        if args.valid_speakers < 2:  # one speaker gives no non-target trial: no validation EER
+            raise PrepareError(f"--valid-speakers {args.valid_speakers}: validating speaker verification needs "
+                               f"at least 2 speakers (same- and different-speaker trials)")
         if args.valid_speakers >= len(dev_speakers):
             raise PrepareError(f"--valid-speakers {args.valid_speakers} leaves no training speaker ({len(dev_speakers)} in all)")
         valid_speakers = set(random.Random(args.seed).sample(dev_speakers, args.valid_speakers))

@@ -424,6 +424,15 @@ class KwsSvTask(FairseqTask):
         else:
             trials = build_trials([paths[i] for i in kept], [speakers[i] for i in kept], self.cfg.valid_max_trials,
                                   TRIALS_SEED)
+            kinds = {t.target for t in trials}
+            if kinds != {0, 1}:  # an EER needs both: without, every checkpoint's metric is null
+                labelled = {speakers[i] for i in kept if speakers[i] != NO_LABEL}
+                raise KwsSvDataError(
+                    f"{os.path.join(root, f'{split}.{self.cfg.spk_labels}')}: the {split} split's "
+                    f"{len(labelled)} speaker(s) give no {'non-target' if 1 in kinds else 'target'} trial, so its "
+                    f"EER (and checkpoint_best by it) is undefined: give it at least 2 speakers with 2 or more "
+                    f"utterances each (fairseq-kd-prepare-kws-sv voxceleb1 --valid-speakers), or a trial list"
+                )
         prefix = self.prefix(root)
         return [Trial(t.target, prefix + t.a, prefix + t.b, t.line) for t in trials] if prefix else trials
 
