@@ -284,6 +284,47 @@ def test_attention_map_loss_hand_computed():
     assert attention_map_loss(student, heads, valid)["loss"].item() == pytest.approx(math.log(2.0))
 
 
+def test_recorded_attention_maps_equal_fairseqs_own_weights():
+    """The map recomputed from a real fairseq layer's recorded attention input equals the
+    head-averaged weights fairseq's MultiheadAttention returns itself (need_weights=True), padded
+    keys masked."""
+    from fairseq.models.wav2vec.wav2vec2 import TransformerSentenceEncoderLayer
+    from fairseq_kd.encoders.layers import attention_inputs, head_averaged_attention
+
+    torch.manual_seed(0)
+    layer = TransformerSentenceEncoderLayer(embedding_dim=32, ffn_embedding_dim=48, num_attention_heads=4,
+                                            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0).eval()
+    x = torch.randn(7, 2, 32)  # (T, B, C)
+    mask = torch.zeros(2, 7, dtype=torch.bool)
+    mask[1, 5:] = True
+    with attention_inputs([layer]) as seen:
+        layer(x, self_attn_padding_mask=mask)
+    query, key_mask = seen[0]
+    assert torch.equal(query, x) and torch.equal(key_mask, mask)
+    ours = head_averaged_attention(layer.self_attn, query, key_mask)
+    _, theirs = layer.self_attn(query=x, key=x, value=x, key_padding_mask=mask, need_weights=True)
+    assert ours.shape == (2, 7, 7) and torch.allclose(ours, theirs, atol=1e-6)
+    assert torch.all(ours[1, :, 5:] == 0)
+
+
+def test_reusing_layer_map_is_its_computing_layers():
+    from fairseq_kd.criterions.temporal_relation import attention_source
+    from fairseq_kd.encoders.layers import attention_inputs, head_averaged_attention
+
+    model = tiny()  # reuse_pattern [True, False, True, False]
+    layers = model.encoder.layers
+    assert [attention_source(layers, i) for i in range(4)] == [0, 0, 2, 2]
+    source = torch.randn(2, 4000)
+    with attention_inputs(layers) as seen:
+        model(source=source, padding_mask=None)
+    assert sorted(seen) == [0, 1, 2, 3]  # every layer ran (reusing ones record too)
+    query, mask = seen[2]
+    explicit = layers[2].self_attn.attention_weights(query, mask).mean(dim=1)
+    assert torch.allclose(head_averaged_attention(layers[2].self_attn, query, mask), explicit, atol=1e-6)
+    with pytest.raises(ValueError, match="no q_proj / k_proj"):
+        head_averaged_attention(layers[1].self_attn, *seen[1])
+
+
 def test_gram_layers_that_do_not_exist_are_named():
     from fairseq_kd.criterions.temporal_relation import TemporalGramConfig, check_gram_config
 
@@ -295,6 +336,11 @@ def test_gram_layers_that_do_not_exist_are_named():
                                                   gram_layers=[], intra_layers=[0]))
     with pytest.raises(ValueError, match=r"criterion\.intra_layers: layer\(s\) \[0\]"):
         check_gram_config(cfg)
+    for bad in ([0], [13]):
+        cfg = OmegaConf.structured(TemporalGramConfig(encoder_layers=12, time_reduction_factor=1,
+                                                      gram_layers=[], attention_layers=bad))
+        with pytest.raises(ValueError, match=rf"criterion\.attention_layers: layer\(s\) \{bad}"):
+            check_gram_config(cfg)
 
 
 # -- training: every new preset, shrunk, learns on the mini corpus ---------------------------------
@@ -308,7 +354,7 @@ SHRUNK = [
 # reuse (its masking path is armhubert's). Two variants keep the runtime small (2 x 2 runs).
 VARIANTS = {
     "armhubert": ["model.hint_layer_ids=[1,2]", "model.reuse_pattern=[true,false]"],
-    "starhubert": ["criterion.gram_layers=[0,1,2]", "criterion.intra_layers=[1,2]"],
+    "starhubert": ["criterion.gram_layers=[0,1,2]", "criterion.intra_layers=[1,2]", "criterion.attention_layers=[1,2]"],
 }
 
 
@@ -333,7 +379,7 @@ def test_shrunk_preset_learns(tmp_path, name):
     after = _valid(run([*cmd, "optimization.max_update=25"], cwd=tmp_path).stdout)
     print(name, "held-out before/after:", before, after)
     if name == "starhubert":  # no heads: the held-out Gram MSE of every layer falls
-        for key in ("gram_1", "gram_2", "intra_1", "intra_2"):
+        for key in ("gram_1", "gram_2", "intra_1", "intra_2", "attn_1", "attn_2"):
             assert after[key] < 0.75 * before[key], (before, after)
     else:
         for layer in ("h1", "h2"):

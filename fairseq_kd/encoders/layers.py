@@ -17,7 +17,9 @@ would depend on its batch mates.
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+import math
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
@@ -170,4 +172,65 @@ def fairseq_hidden_states(
     return [x] + layers, frame_mask
 
 
-__all__ = ["fairseq_hidden_states", "has_padded_frames", "masked_group_norm", "padding_exact_cnn"]
+# -- attention maps (STaRHuBERT's averaged-attention-map term) -------------------------------------
+AttentionInput = Tuple[Tensor, Optional[Tensor]]  # the query (T, B, C) and key padding mask (B, T)
+
+
+@contextmanager
+def attention_inputs(layers: Sequence[nn.Module]) -> Iterator[Dict[int, AttentionInput]]:
+    """Record what each layer's ``self_attn`` is called with while the block runs.
+
+    Yields ``{layer index (0-based): (query, key_padding_mask)}``, filled by the forward passes
+    inside the block. The query is the tensor the layer's attention actually received (after the
+    pre-LN ``self_attn_layer_norm`` where there is one, with dropout as it was), so an attention
+    map recomputed from it (:func:`head_averaged_attention`) is the layer's own, gradient included.
+    fairseq's ``MultiheadAttention`` is called with keywords, ``thin_hubert``'s reuse attention
+    positionally; both are read.
+    """
+    seen: Dict[int, AttentionInput] = {}
+
+    def hook(index: int):
+        def record(module, args, kwargs):
+            query = kwargs.get("query", args[0] if args else None)
+            mask = kwargs.get("key_padding_mask", args[1] if len(args) > 1 else None)
+            seen[index] = (query, mask)
+        return record
+
+    handles = [layer.self_attn.register_forward_pre_hook(hook(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    try:
+        yield seen
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def computes_attention(attn: nn.Module) -> bool:
+    """Whether an attention module computes its own weights (an ARMHuBERT reusing layer does not)."""
+    return getattr(attn, "q_proj", None) is not None and getattr(attn, "k_proj", None) is not None
+
+
+def head_averaged_attention(attn: nn.Module, query: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+    """softmax(Q K^T / sqrt(head_dim) + key padding mask), averaged over heads: (B, T, T).
+
+    ``attn``: fairseq's ``MultiheadAttention`` or ``thin_hubert``'s computing reuse attention
+    (``q_proj``, ``k_proj``, ``num_heads``); ``query``: (T, B, C) as the layer received it;
+    ``key_padding_mask``: (B, T), True = pad. fairseq scales the queries by head_dim^-0.5 before
+    the product, which is the same. Memory: the (B, H, T, T) weights before the mean.
+    """
+    if not computes_attention(attn):
+        raise ValueError(f"{type(attn).__name__} has no q_proj / k_proj: it reuses another layer's weights")
+    x = query.transpose(0, 1)  # (B, T, C)
+    heads = int(attn.num_heads)
+
+    def split(y: Tensor) -> Tensor:  # (B, T, C) -> (B, H, T, C / H)
+        return y.unflatten(-1, (heads, y.size(-1) // heads)).transpose(1, 2)
+
+    q, k = split(attn.q_proj(x)), split(attn.k_proj(x))
+    scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :].to(torch.bool), float("-inf"))
+    return scores.float().softmax(dim=-1).mean(dim=1)
+
+
+__all__ = ["attention_inputs", "computes_attention", "fairseq_hidden_states", "has_padded_frames",
+           "head_averaged_attention", "masked_group_norm", "padding_exact_cnn"]
