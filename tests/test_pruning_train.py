@@ -17,7 +17,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-from conftest import CPU, MANIFESTS, console_script, run, train_logs, waves
+from conftest import CPU, MANIFESTS, console_script, json_logs, run, train_logs, waves
 
 TARGET = 0.25
 TINY = [  # the student: the teacher's shape (tests/conftest.py TINY_HUBERT), heads on 0, 1, 2
@@ -140,6 +140,37 @@ def test_stage2_trains_the_materialised_student_and_refuses_stage1(stage1, mater
     assert ("still holds 10 HardConcrete masks (e.g. criterion masks.conv.0.log_alpha): a stage-1 "
             "(masked, full-size) checkpoint; materialise it first") in refused.stderr
     assert "Traceback" not in refused.stderr
+
+
+def test_pruned_student_fine_tunes_with_the_ctc_and_kws_sv_recipes(stage1, materialised):
+    """The materialised student (per-layer widths) as model.w2v_path of fairseq's hubert_ctc recipe
+    and of the kws_sv joint recipe, both through fairseq-hydra-train, two at a time; each
+    fine-tuned checkpoint carries the pruned sizes."""
+    from fairseq import checkpoint_utils
+    from test_finetune import FINETUNE_QUICK
+    from test_kws_sv import KEYWORDS, SMALL_HEADS, run_parallel
+
+    work, pruned = stage1["work"] / "finetune", materialised["path"]
+    work.mkdir()
+    jobs = {
+        "ctc": [console_script("fairseq-hydra-train"), "--config-name", "finetune_base_10h", f"task.data={MANIFESTS}",
+                f"model.w2v_path={pruned}", *FINETUNE_QUICK, "model.freeze_finetune_updates=0",
+                f"checkpoint.save_dir={work / 'ctc'}", f"hydra.run.dir={work / 'ctc'}"],
+        "kws_sv": [console_script("fairseq-hydra-train"), "--config-name", "kws_sv_joint", *CPU, f"task.data={KEYWORDS}",
+                   f"model.w2v_path={pruned}", *SMALL_HEADS, "optimization.max_update=3", "dataset.batch_size=8",
+                   "dataset.validate_interval_updates=3", "dataset.validate_interval=1000",
+                   "checkpoint.save_interval_updates=3", "common.log_format=json", "common.log_interval=1",
+                   f"checkpoint.save_dir={work / 'kws_sv'}", f"hydra.run.dir={work / 'kws_sv'}"],
+    }
+    out = run_parallel(jobs, work)
+    ctc_valid, kws_valid = json_logs(out["ctc"].stdout, "valid"), json_logs(out["kws_sv"].stdout, "valid")
+    assert ctc_valid and "valid_uer" in ctc_valid[-1], out["ctc"].stdout[-3000:]
+    assert kws_valid and "valid_kws_accuracy" in kws_valid[-1] and "valid_eer" in kws_valid[-1], out["kws_sv"].stdout[-3000:]
+    sizes = checkpoint_utils.load_checkpoint_to_cpu(str(pruned))["cfg"].model
+    for run_name in jobs:
+        encoder = checkpoint_utils.load_checkpoint_to_cpu(str(work / run_name / "checkpoint_last.pt"))["cfg"].model.w2v_args.model
+        for key in ("conv_channels", "encoder_attention_heads_per_layer", "encoder_ffn_embed_dim_per_layer"):
+            assert list(encoder[key]) == list(sizes[key]), (run_name, key)
 
 
 def test_materialise_refuses_bad_checkpoints(stage1, tmp_path, capsys):
