@@ -173,6 +173,23 @@ def test_pruned_student_fine_tunes_with_the_ctc_and_kws_sv_recipes(stage1, mater
             assert list(encoder[key]) == list(sizes[key]), (run_name, key)
 
 
+def test_the_same_recipe_prunes_a_wav2vec2_teacher(tmp_path):
+    """dphubert's stage 1 with a (random, tiny) fairseq Wav2Vec2Model as the teacher: the same
+    overrides reach the same target, and the checkpoint materialises."""
+    from fairseq_checkpoints import make_wav2vec2_checkpoint
+
+    teacher = make_wav2vec2_checkpoint(tmp_path / "wav2vec2.pt", layers=2, embed_dim=64, ffn_dim=128, heads=4,
+                                       conv_layers="[(64,10,5)] + [(64,3,2)] * 4 + [(64,2,2)] * 2",
+                                       conv_pos=128, conv_pos_groups=16)
+    logs = train_logs(hydra_train("dphubert", teacher, tmp_path / "stage1", STAGE1).stdout)
+    last = logs[-1]
+    assert int(last["num_updates"]) == 40 and float(logs[0]["expected_sparsity"]) < 0.01
+    assert abs(float(last["expected_sparsity"]) - TARGET) < 0.05, last
+    out = run([console_script("fairseq-kd-materialise"), str(tmp_path / "stage1" / "checkpoint_last.pt"),
+               str(tmp_path / "pruned.pt")]).stdout
+    assert (tmp_path / "pruned.pt").is_file(), out
+
+
 def test_materialise_refuses_bad_checkpoints(stage1, tmp_path, capsys):
     from fairseq import checkpoint_utils
     from omegaconf import open_dict

@@ -499,7 +499,8 @@ def test_init_from_teacher_raises_on_shape_mismatch_and_copies_nothing():
     teacher, teacher_cfg = tiny_teacher()
     student = tiny(encoder_embed_dim=48, encoder_attention_heads=4)
     before = {k: v.clone() for k, v in student.state_dict().items()}
-    expected = r"cannot copy encoder\.pos_conv\.0\.\S+: student shape \(48,\S*\) != teacher shape \(32,"
+    expected = (r"cannot copy encoder\.pos_conv\.0\.\S+: student shape \(48,\S*\) != teacher shape \(32,.*\): "
+                r"set model\.encoder_embed_dim / conv_pos / conv_pos_groups to the teacher's")
     with pytest.raises(ValueError, match=expected):
         student.init_from_teacher(
             teacher.state_dict(), teacher_cfg, init_cnn=True, init_pos_conv=True

@@ -714,6 +714,17 @@ def layer_grad_multipliers(num_layers: int) -> List[float]:
     return [(num_layers - i) / (num_layers - i + 1) for i in range(num_layers)]
 
 
+def _init_fix(prefix: str) -> str:
+    """What to change when a copied-from-teacher module has another shape (``init_from_teacher``)."""
+    if prefix.startswith("encoder.pos_conv"):
+        return ("set model.encoder_embed_dim / conv_pos / conv_pos_groups to the teacher's, or "
+                "model.init_teacher_pos_conv=false")
+    if prefix.startswith("encoder.layers."):
+        return ("give the copied layers the teacher's model.encoder_embed_dim / encoder_ffn_embed_dim / "
+                "encoder_attention_heads, or fewer model.init_teacher_layers")
+    return "set model.conv_channels / conv_kernels to the teacher's CNN, or model.init_teacher_cnn=false"
+
+
 class ThinTransformerEncoder(nn.Module):
     """fairseq's wav2vec2 ``TransformerEncoder`` with an optional time-reduction layer.
 
@@ -1205,7 +1216,8 @@ class ThinHubertModel(BaseFairseqModel):
                 if tuple(src.shape) != tuple(own_state[name].shape):
                     raise ValueError(
                         f"init_from_teacher: cannot copy {name}: student shape "
-                        f"{tuple(own_state[name].shape)} != teacher shape {tuple(src.shape)}"
+                        f"{tuple(own_state[name].shape)} != teacher shape {tuple(src.shape)}: "
+                        f"{_init_fix(prefix)}"
                     )
                 plan.append((name, own_state[name], src))
             if teacher_names:
