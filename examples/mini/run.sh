@@ -27,7 +27,7 @@ REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 DATA="$(cd "${DATA:-$REPO/manifests}" && pwd)"
 if [ "$QUICK" = 1 ]; then OUT="${OUT:-$REPO/runs/mini_quick}"; else OUT="${OUT:-$REPO/runs/mini}"; fi
 # updates per stage: teacher pre-training, distillation, fine-tuning
-if [ "$QUICK" = 1 ]; then U_TEACHER=150 U_DISTIL=100 U_FT=150; else U_TEACHER=1000 U_DISTIL=300 U_FT=600; fi
+if [ "$QUICK" = 1 ]; then U_TEACHER=150 U_DISTIL=100 U_FT=150; else U_TEACHER=1000 U_DISTIL=300 U_FT=400; fi
 LABELLED="${LABELLED:-0}"  # labelled training utterances for fine-tuning (0: all of train; use a fresh OUT)
 BIN="$(dirname "$(command -v python)")"
 [ -x "$REPO/.venv/bin/fairseq-hydra-train" ] && BIN="$REPO/.venv/bin"
@@ -117,14 +117,16 @@ labelled_subset() {  # labelled_subset N: $OUT/labelled holds train (N rows), va
 labelled_subset "$LABELLED"
 
 step "4/6 CTC fine-tuning of the teacher, both students and their undistilled twins (fairseq hubert_ctc, kd_audio_finetuning), $U_FT updates"
+# every encoder fine-tunes whole, CNN included (feature_grad_mult=1): the twins' random CNN must
+# train, and the same budget for all is what makes the rows comparable
 FINETUNE="task.data=$FT_DATA ${CPU[*]} optimization.max_update=$U_FT optimization.lr=[0.003]
-  model.freeze_finetune_updates=0 model.mask_prob=0.25 model.mask_channel_prob=0.1
+  model.freeze_finetune_updates=0 model.feature_grad_mult=1.0 model.mask_prob=0.25 model.mask_channel_prob=0.1
   model.mask_channel_length=4 model.layerdrop=0.0 dataset.max_tokens=160000
   dataset.validate_interval=1000 dataset.validate_interval_updates=$((U_FT / 3)) dataset.validate_after_updates=0
   checkpoint.save_interval_updates=$U_FT common.log_interval=50 +lr_scheduler.phase_ratio=[0.1,0.4,0.5]"
 # the undistilled twin: the distilled checkpoint gives only the architecture (fairseq's
-# no_pretrained_weights); its random CNN trains too (feature_grad_mult=1), its best chance
-UNDISTILLED="+model.no_pretrained_weights=true model.feature_grad_mult=1.0"
+# no_pretrained_weights), trained from random initialisation with the same settings
+UNDISTILLED="+model.no_pretrained_weights=true"
 side_by_side \
   "ft_teacher finetune_base_10h $FINETUNE model.w2v_path=$OUT/teacher/checkpoint_last.pt" \
   "ft_thin_deep finetune_base_10h $FINETUNE model.w2v_path=$OUT/thin_deep/checkpoint_last.pt" \

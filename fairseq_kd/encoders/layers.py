@@ -226,11 +226,20 @@ def head_averaged_attention(attn: nn.Module, query: Tensor, key_padding_mask: Op
         return y.unflatten(-1, (heads, y.size(-1) // heads)).transpose(1, 2)
 
     q, k = split(attn.q_proj(x)), split(attn.k_proj(x))
+    return attention_probabilities(q, k, key_padding_mask).mean(dim=1)
+
+
+def attention_probabilities(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    """Explicit softmax(Q K^T / sqrt(head_dim)) with padded keys masked, float32: (B, H, T, T).
+
+    q, k: (B, H, T, head_dim); key_padding_mask: (B, T), True = pad. The one explicit attention
+    formula of the project (the forward passes use the fused kernel; this is for maps and tests).
+    """
     scores = (q @ k.transpose(-1, -2)) / math.sqrt(q.size(-1))
     if key_padding_mask is not None:
         scores = scores.masked_fill(key_padding_mask[:, None, None, :].to(torch.bool), float("-inf"))
-    return scores.float().softmax(dim=-1).mean(dim=1)
+    return scores.float().softmax(dim=-1)
 
 
-__all__ = ["attention_inputs", "computes_attention", "fairseq_hidden_states", "has_padded_frames",
+__all__ = ["attention_inputs", "attention_probabilities", "computes_attention", "fairseq_hidden_states", "has_padded_frames",
            "head_averaged_attention", "masked_group_norm", "padding_exact_cnn"]

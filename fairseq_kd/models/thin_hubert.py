@@ -73,6 +73,7 @@ from fairseq_kd.encoders.frames import (
     samples_per_frame,
     specs_from_fields,
 )
+from fairseq_kd.encoders.layers import attention_probabilities
 from fairseq_kd.models.pruning import resize_attention_heads
 
 logger = logging.getLogger(__name__)
@@ -667,10 +668,7 @@ class ReuseSelfAttention(nn.Module):
             q, k = self._split_heads(self.q_proj(x)), self._split_heads(self.k_proj(x))
         else:
             q, k = reused_or_query
-        scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
-        if key_padding_mask is not None:
-            scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
-        return scores.softmax(dim=-1)
+        return attention_probabilities(q, k, key_padding_mask)
 
 
 class ReuseTransformerLayer(TransformerSentenceEncoderLayer):
